@@ -1,6 +1,7 @@
 """splitnet: cut a PyTorch model in two and run the halves on an edge device and a server."""
 
 from splitnet.codecs import CodecSpec, DecodeLimits, decode, encode, parse_codec
+from splitnet.partition import Cut, FrontierTensor, SplitGraph, trace
 from splitnet.errors import (
     CodecError,
     ModelError,
@@ -13,6 +14,9 @@ from splitnet.errors import (
 __all__ = [
     "CodecError",
     "CodecSpec",
+    "Cut",
+    "FrontierTensor",
+    "SplitGraph",
     "DecodeLimits",
     "ModelError",
     "ModelMismatchError",
@@ -22,4 +26,5 @@ __all__ = [
     "decode",
     "encode",
     "parse_codec",
+    "trace",
 ]

@@ -1,0 +1,194 @@
+"""The ``splitnet`` command: train, eval and cuts.
+
+    splitnet train digits-cnn --out digits.safetensors
+    splitnet eval digits-cnn --weights digits.safetensors [--codecs raw,int8+zstd:1]
+    splitnet cuts torchvision:resnet18 [--codecs ...] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from splitnet.codecs import parse_codec
+from splitnet.errors import SplitNetError
+from splitnet.models import fingerprint, load_model, resolve, save_weights
+from splitnet.partition import trace
+from splitnet.report import codec_accuracy, cut_table, format_table, sample_input
+
+__all__ = ["main"]
+
+DEFAULT_CODECS = "raw,zstd:1,fp16,int8,int8+zstd:1"
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``."""
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid shape {text!r}: give dimensions like 1,3,224,224"
+        ) from None
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: dimensions must be positive")
+    return shape
+
+
+def parse_codecs(text: str) -> list[str]:
+    """``"raw,int8+zstd:1"`` -> canonical codec names (validated)."""
+    try:
+        return [str(parse_codec(c)) for c in text.split(",") if c.strip()]
+    except SplitNetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    p = argparse.ArgumentParser(prog="splitnet", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on the digits data set")
+    t.add_argument("model", help="digits-cnn, or your own package.module:callable")
+    t.add_argument("--out", required=True, help="where to write the weights (.safetensors)")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--input-shape", type=parse_shape, default=None)
+
+    e = sub.add_parser("eval", help="test accuracy, whole or per cut and codec")
+    e.add_argument("model")
+    e.add_argument("--weights", required=True, help="a .safetensors file from `splitnet train`")
+    e.add_argument("--codecs", type=parse_codecs, default=None,
+                   help=f"report every cut with these codecs (e.g. {DEFAULT_CODECS})")
+    e.add_argument("--cuts", default=None, help="comma-separated cut names (default: all)")
+    e.add_argument("--seed", type=int, default=0, help="data split seed")
+    e.add_argument("--input-shape", type=parse_shape, default=None)
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    c = sub.add_parser("cuts", help="list every cut: frontier, bytes per codec, parameters")
+    c.add_argument("model", help="digits-cnn, torchvision:NAME or package.module:callable")
+    c.add_argument("--weights", default=None)
+    c.add_argument("--input-shape", type=parse_shape, default=None,
+                   help="example input shape, e.g. 1,3,224,224 (default: the model's)")
+    c.add_argument("--codecs", type=parse_codecs, default=parse_codecs(DEFAULT_CODECS))
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from splitnet.training import TrainConfig, train_digits
+
+    spec = resolve(args.model, args.input_shape)
+    if spec.input_shape[1:] != (1, 8, 8):
+        raise SplitNetError(
+            f"{args.model} takes input {spec.input_shape}; training uses the 1x8x8 digits data "
+            "(give --input-shape 1,1,8,8 for your own digits model)"
+        )
+    model = load_model(args.model, input_shape=spec.input_shape).train()
+    with tqdm(total=args.epochs, desc="train", unit="epoch", file=sys.stderr) as bar:
+        def progress(epoch: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+
+        result = train_digits(model, TrainConfig(epochs=args.epochs, seed=args.seed), progress=progress)
+    save_weights(model, args.out)
+    print(f"test accuracy {result['test']:.2%} (validation {result['val']:.2%})")
+    print(f"saved {args.out} (fingerprint {fingerprint(model)[:16]})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from splitnet.data import load_digits
+    from splitnet.training import accuracy
+
+    model = load_model(args.model, args.weights, input_shape=args.input_shape)
+    test = load_digits(args.seed)["test"]
+    if args.codecs is None:
+        acc = accuracy(model, test)
+        if args.json:
+            print(json.dumps({"model": args.model, "test_accuracy": acc, "n": len(test)}))
+        else:
+            print(f"{args.model}: test accuracy {acc:.2%} on {len(test)} images")
+        return 0
+    graph = trace(model, (test.x[:1],))
+    cuts = [graph.cut(n.strip()) for n in args.cuts.split(",")] if args.cuts else None
+    rows = codec_accuracy(model, graph, test, args.codecs, cuts)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    base = rows[0]["model_accuracy"] if rows else 0.0
+    print(f"{args.model}: unsplit test accuracy {base:.2%} on {len(test)} images; "
+          "each image encoded on its own")
+    table = [
+        [r["cut"], r["codec"], f"{r['accuracy']:.2%}", f"{100 * (r['accuracy'] - base):+.2f}",
+         f"{r['agreement']:.2%}", f"{r['ratio']:.1f}x"]
+        for r in rows
+    ]
+    print(format_table(table, ["cut", "codec", "top-1", "Δ points", "agreement", "vs float32"]))
+    return 0
+
+
+def cmd_cuts(args: argparse.Namespace) -> int:
+    spec = resolve(args.model, args.input_shape)
+    model = load_model(args.model, args.weights, input_shape=spec.input_shape)
+    x = sample_input(spec.input_shape)
+    graph = trace(model, (x,))
+    rows = cut_table(graph, x, args.codecs)
+    if args.json:
+        doc: dict[str, Any] = {
+            "model": args.model,
+            "input_shape": list(spec.input_shape),
+            "fingerprint": fingerprint(model),
+            "trace": graph.method,
+            "cuts": rows,
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"{args.model}: {len(rows)} cuts, input {list(spec.input_shape)}, "
+          f"traced with {graph.method}; bytes are whole wire messages for one real input")
+    header = ["cut", "n", "shapes", "float32 B", *[f"{c} B" for c in args.codecs],
+              "head params", "tail params"]
+    table = [
+        [r["cut"], r["tensors"], _shapes(r["shapes"]), r["float32_bytes"],
+         *[r["bytes"][c] for c in args.codecs], r["head_params"], r["tail_params"]]
+        for r in rows
+    ]
+    print(format_table(table, header))
+    return 0
+
+
+def _shapes(shapes: list[list[int]]) -> str:
+    return " ".join("x".join(str(d) for d in s) for s in shapes)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cuts": cmd_cuts}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    torch.set_grad_enabled(args.command == "train")
+    try:
+        return COMMANDS[args.command](args)
+    except SplitNetError as e:
+        print(f"splitnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
