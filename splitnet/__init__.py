@@ -1,6 +1,7 @@
 """splitnet: cut a PyTorch model in two and run the halves on an edge device and a server."""
 
 from splitnet.codecs import CodecSpec, DecodeLimits, decode, encode, parse_codec
+from splitnet.models import fingerprint, load_model
 from splitnet.partition import Cut, FrontierTensor, SplitGraph, trace
 from splitnet.errors import (
     CodecError,
@@ -25,6 +26,8 @@ __all__ = [
     "SplitNetError",
     "decode",
     "encode",
+    "fingerprint",
+    "load_model",
     "parse_codec",
     "trace",
 ]

@@ -10,6 +10,11 @@ joined by ``+``::
     int8c          affine int8, one scale per channel (axis 1)
     int8+zstd:1    chains: precision first, then zstd
 
+Precision steps apply to floating tensors only; other dtypes travel losslessly.
+Lossy codecs never return silently wrong values: ``fp16`` and ``bf16`` keep NaN and
+infinities but refuse finite values beyond their range, and ``int8``/``int8c`` refuse
+NaN and infinities, each with a ``CodecError``.
+
 The message says everything needed to decode it (see ``proto/splitnet/v1/tensor.proto``).
 ``decode`` treats the message as hostile: it checks dtype, rank, dimensions, declared
 sizes and the zstd frame header *before* it allocates anything, and raises
@@ -18,9 +23,11 @@ sizes and the zstd frame header *before* it allocates anything, and raises
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +79,20 @@ _NUMPY_HOLDER: dict[torch.dtype, np.dtype] = {
     torch.bool: np.dtype("?"),
 }
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_FP16_MAX = 65504.0
+_WIDE = (torch.float32, torch.float64)  # the dtypes a cast step narrows
+# Largest finite value of each cast target; a finite input beyond it is refused.
+_CAST_MAX = {"fp16": 65504.0, "bf16": 3.3895313892515355e38}
+_CAST_TO = {"fp16": (torch.float16, pb.DTYPE_FLOAT16), "bf16": (torch.bfloat16, pb.DTYPE_BFLOAT16)}
+_F32_MAX = float(np.finfo(np.float32).max)
+_FINITE_MAX = {
+    torch.float16: _CAST_MAX["fp16"],
+    torch.bfloat16: _CAST_MAX["bf16"],
+    torch.float32: _F32_MAX,
+    torch.float64: math.inf,
+}
+_F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: the least int8 scale
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # little-endian 0xFD2FB528, first in every zstd frame
 
 _SPEC_RE = re.compile(r"^(?:(fp16|bf16|int8c|int8|raw)(?:\+zstd(?::(\d+))?)?|zstd(?::(\d+))?)$")
 
@@ -106,6 +126,13 @@ def parse_codec(spec: str | CodecSpec) -> CodecSpec:
     """Parse ``"int8+zstd:1"`` and friends; raise ``CodecError`` listing the grammar."""
     if isinstance(spec, CodecSpec):
         return spec
+    if not isinstance(spec, str):
+        raise CodecError(f"a codec spec is a string such as 'int8+zstd:1', not {type(spec)}")
+    return _parse(spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(spec: str) -> CodecSpec:
     m = _SPEC_RE.match(spec.strip().lower())
     if not m:
         raise CodecError(
@@ -135,24 +162,41 @@ class DecodeLimits:
 
 DEFAULT_LIMITS = DecodeLimits()
 
-_compressors: dict[int, zstandard.ZstdCompressor] = {}
-_decompressor = zstandard.ZstdDecompressor()
+# zstd contexts are not thread-safe (and release the GIL), so each thread has its own.
+_local = threading.local()
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    c = _compressors.get(level)
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    c = cache.get(level)
     if c is None:
-        c = _compressors[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
 
 
 # ---------------------------------------------------------------------------- encode
 
 
 def encode(tensor: torch.Tensor, codec: str | CodecSpec = "raw") -> pb.Tensor:
-    """Encode ``tensor`` as a self-describing wire ``Tensor`` message."""
+    """Encode ``tensor`` as a self-describing wire ``Tensor`` message.
+
+    Raises ``CodecError`` for an unsupported dtype or layout, and where the lossy
+    codec cannot represent the values (see the module docstring).
+    """
     spec = parse_codec(codec)
-    if tensor.dtype not in _TORCH_TO_WIRE:
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        raise CodecError(f"only dense torch tensors can go on the wire, not {type(tensor)}")
+    wire_dtype = _TORCH_TO_WIRE.get(tensor.dtype)
+    if wire_dtype is None:
         raise CodecError(
             f"dtype {tensor.dtype} cannot go on the wire; supported: "
             + ", ".join(str(d) for d in _TORCH_TO_WIRE)
@@ -161,8 +205,7 @@ def encode(tensor: torch.Tensor, codec: str | CodecSpec = "raw") -> pb.Tensor:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    msg = pb.Tensor(dtype=_TORCH_TO_WIRE[t.dtype], raw_nbytes=t.numel() * t.element_size())
-    msg.shape.extend(t.shape)
+    msg = pb.Tensor(dtype=wire_dtype, raw_nbytes=t.numel() * t.element_size(), shape=t.shape)
 
     data: np.ndarray
     if spec.precision != "none" and t.dtype in _FLOATS and t.numel() > 0:
@@ -184,61 +227,94 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _finite_range(t: torch.Tensor, codec: str) -> tuple[float, float]:
+def _finite_absmax(t: torch.Tensor) -> float:
+    """Largest magnitude among the finite values of ``t`` (0 when there are none)."""
     lo, hi = (float(v) for v in torch.aminmax(t))
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise CodecError(
-            f"{codec} cannot represent NaN or infinite values (the tensor has some); "
-            "use raw, zstd, fp16 or bf16 for this cut"
-        )
-    return lo, hi
+    if math.isfinite(lo) and math.isfinite(hi):
+        return max(-lo, hi)
+    finite = t[torch.isfinite(t)]  # rare path: NaN or infinities present
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def _not_finite(codec: str) -> CodecError:
+    return CodecError(
+        f"{codec} cannot represent NaN or infinite values (the tensor has some); "
+        "use raw, zstd, fp16 or bf16 for this cut"
+    )
+
+
+def _too_wide(codec: str) -> CodecError:
+    return CodecError(
+        f"{codec}: the tensor's range is too wide for a float32 scale; use raw or zstd"
+    )
 
 
 def _apply_precision(t: torch.Tensor, precision: str, msg: pb.Tensor) -> np.ndarray:
-    if precision in ("fp16", "bf16"):
-        if t.dtype not in (torch.float32, torch.float64):
-            return _as_numpy(t)  # already 16 bits or narrower: nothing to gain
-        if precision == "fp16":
-            lo, hi = torch.aminmax(t)
-            big = max(-float(lo), float(hi))
-            if math.isnan(big):
-                finite = t[torch.isfinite(t)]
-                big = float(finite.abs().max()) if finite.numel() else 0.0
-            if big > _FP16_MAX:
-                raise CodecError(
-                    f"fp16 cannot hold {big:.4g} (largest is {_FP16_MAX}); use bf16 or int8"
-                )
-            msg.steps.add().cast.to = pb.DTYPE_FLOAT16
-            return t.to(torch.float16).numpy()
-        msg.steps.add().cast.to = pb.DTYPE_BFLOAT16
-        return t.to(torch.bfloat16).view(torch.int16).numpy()
+    if precision in _CAST_TO:
+        if t.dtype not in _WIDE:
+            return _as_numpy(t)  # already 16 bits: nothing to gain
+        big = _finite_absmax(t)
+        if big > _CAST_MAX[precision]:
+            others = "bf16, raw or zstd" if precision == "fp16" else "raw or zstd"
+            raise CodecError(
+                f"{precision} cannot hold {big:.6g} (its largest finite value is "
+                f"{_CAST_MAX[precision]:.6g}); use {others}"
+            )
+        target, wire = _CAST_TO[precision]
+        msg.steps.add().cast.to = wire
+        return _as_numpy(t.to(target))
 
-    x = t if t.dtype == torch.float32 else t.float()
-    per_channel = precision == "int8c" and x.dim() >= 2 and x.shape[1] > 0
-    if per_channel:
-        _finite_range(x, precision)
-        dims = [d for d in range(x.dim()) if d != 1]
-        lo_t = x.amin(dim=dims).clamp_(max=0.0)
-        hi_t = x.amax(dim=dims).clamp_(min=0.0)
-    else:
-        lo, hi = _finite_range(x, precision)
-        lo_t = torch.tensor([min(lo, 0.0)])
-        hi_t = torch.tensor([max(hi, 0.0)])
-    scale = ((hi_t - lo_t) / 255.0).clamp_(min=1e-30)
-    zero_point = torch.round(-128.0 - lo_t / scale).clamp_(-128, 127)
+    # Affine int8: code = round(x / scale) + zero_point, real = (code - zero_point) * scale.
+    # The scale is rounded to the float32 that travels before quantizing, so the
+    # decoder inverts exactly what the encoder did; |error| <= scale / 2 + rounding.
+    x = t if t.dtype in _WIDE else t.float()
     q = msg.steps.add().quantize
-    q.per_channel = per_channel
-    q.axis = 1 if per_channel else 0
+    if precision == "int8c" and x.dim() >= 2:
+        codes = _quantize_per_channel(x, q)
+    else:
+        codes = _quantize_per_tensor(x, q, precision)
+    return codes.numpy()
+
+
+def _quantize_per_tensor(x: torch.Tensor, q: pb.Quantize, codec: str) -> torch.Tensor:
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise _not_finite(codec)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    wide_scale = (hi - lo) / 255.0
+    if wide_scale > _F32_MAX:
+        raise _too_wide(codec)
+    scale = max(float(np.float32(wide_scale)), _F32_TINY)
+    zero_point = min(max(round(-128.0 - lo / scale), -128), 127)
+    q.scale.append(scale)
+    q.zero_point.append(zero_point)
+    # One fused pass for zero_point + x / scale, then round, clamp, narrow in place.
+    v = torch.add(torch.tensor(float(zero_point), dtype=x.dtype), x, alpha=1.0 / scale)
+    return v.round_().clamp_(-128, 127).to(torch.int8)
+
+
+def _quantize_per_channel(x: torch.Tensor, q: pb.Quantize) -> torch.Tensor:
+    channels = x.shape[1]
+    # One pass over the data: min and max of each (sample, channel) row, then over samples.
+    lo_nc, hi_nc = torch.aminmax(x.reshape(x.shape[0], channels, -1), dim=-1)
+    lo = lo_nc.amin(dim=0).double().clamp_(max=0.0)  # amin/amax propagate NaN
+    hi = hi_nc.amax(dim=0).double().clamp_(min=0.0)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise _not_finite("int8c")
+    scale = ((hi - lo) / 255.0).float()
+    if not bool(torch.isfinite(scale).all()):
+        raise _too_wide("int8c")
+    scale = scale.clamp_(min=_F32_TINY).double()
+    zero_point = torch.round(-128.0 - lo / scale).clamp_(-128, 127)
+    q.per_channel = True
+    q.axis = 1
     q.scale.extend(scale.tolist())
     q.zero_point.extend(int(z) for z in zero_point.tolist())
-    # Quantize with the float32 scale that travels, so decode inverts it exactly.
-    scale = torch.tensor(q.scale, dtype=torch.float32)
-    if per_channel:
-        view = [1] * x.dim()
-        view[1] = -1
-        scale, zero_point = scale.view(view), zero_point.view(view)
-    codes = torch.div(x, scale).add_(zero_point).round_().clamp_(-128, 127).to(torch.int8)
-    return codes.numpy()
+    view = [1] * x.dim()
+    view[1] = channels
+    inv = (1.0 / scale).to(x.dtype).view(view)
+    v = torch.addcmul(zero_point.to(x.dtype).view(view), x, inv)
+    return v.round_().clamp_(-128, 127).to(torch.int8)
 
 
 # ---------------------------------------------------------------------------- decode
@@ -247,9 +323,7 @@ def _apply_precision(t: torch.Tensor, precision: str, msg: pb.Tensor) -> np.ndar
 def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Decode a wire ``Tensor``; validate everything before allocating.
 
-    The result owns its memory and is writable. Where no copy is needed it is made
-    without one: zstd decompresses straight into the result, and the dequantize or
-    widen step reads the payload in place.
+    The result owns its memory, is writable and never aliases ``msg``.
     """
     dtype = _WIRE_TO_TORCH.get(msg.dtype)
     if dtype is None:
@@ -274,67 +348,72 @@ def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Te
     stage_dtype = _stage_dtype(precision, dtype)
     stage_nbytes = numel * stage_dtype.itemsize
     payload = msg.payload
-
     if zstd_step:
-        stage = _decompress(payload, stage_nbytes)
-    else:
-        if len(payload) != stage_nbytes:
-            raise CodecError(f"payload holds {len(payload)} bytes; the header implies {stage_nbytes}")
-        stage = np.frombuffer(payload, dtype=stage_dtype)
-        if precision is None:
-            stage = stage.copy()  # the only copy on this path: the payload is immutable
+        payload = _decompress(payload, stage_nbytes)
+    elif len(payload) != stage_nbytes:
+        raise CodecError(f"payload holds {len(payload)} bytes; the header implies {stage_nbytes}")
 
-    if precision is None:
-        arr = stage if stage.dtype == stage_dtype else stage.view(stage_dtype)
-        if dtype == torch.bool and arr.size and arr.view(np.uint8).max() > 1:
-            raise CodecError("bool tensor holds bytes other than 0 and 1")
-        out = torch.from_numpy(arr)
-        if dtype == torch.bfloat16:
-            out = out.view(torch.bfloat16)
-        return out.reshape(shape)
-    return _undo_precision(np.frombuffer(stage, dtype=stage_dtype), precision, dtype, shape)
+    if precision is not None and precision.WhichOneof("kind") == "quantize":
+        # numpy reads the (immutable) payload in place and writes a fresh result.
+        return _dequantize(np.frombuffer(payload, dtype=np.int8), precision.quantize, dtype, shape)
+
+    # The only copy: the payload is immutable, the result must be writable.
+    arr = np.frombuffer(payload, dtype=stage_dtype).copy()
+    if precision is not None:  # cast: widen with torch, far faster than numpy for halves
+        narrow, _ = _CAST_TO["fp16" if precision.cast.to == pb.DTYPE_FLOAT16 else "bf16"]
+        return torch.from_numpy(arr).view(narrow).to(dtype).reshape(shape)
+    if dtype == torch.bool and arr.size and arr.view(np.uint8).max() > 1:
+        raise CodecError("bool tensor holds bytes other than 0 and 1")
+    out = torch.from_numpy(arr)
+    if dtype == torch.bfloat16:
+        out = out.view(torch.bfloat16)
+    return out.reshape(shape)
 
 
 def _check_steps(
     msg: pb.Tensor, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> tuple[pb.Step | None, bool]:
+    if len(msg.steps) > 2:
+        raise CodecError(f"{len(msg.steps)} steps; a wire tensor has at most two")
     steps = list(msg.steps)
     zstd_step = bool(steps) and steps[-1].WhichOneof("kind") == "zstd"
     if zstd_step:
         steps.pop()
-    if len(steps) > 1:
-        raise CodecError(f"unsupported step chain {[s.WhichOneof('kind') for s in msg.steps]}")
     if not steps:
         return None, zstd_step
     step = steps[0]
     kind = step.WhichOneof("kind")
+    if len(steps) > 1 or kind not in ("cast", "quantize"):
+        raise CodecError(
+            f"unsupported step chain {[s.WhichOneof('kind') for s in msg.steps]}; expected "
+            "at most one cast or quantize step, then at most one zstd step"
+        )
     if kind == "cast":
         if step.cast.to not in (pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16):
             raise CodecError(f"cast target {step.cast.to} is not FLOAT16 or BFLOAT16")
-        if dtype not in (torch.float32, torch.float64):
+        if dtype not in _WIDE:
             raise CodecError(f"cast step on a {dtype} tensor; only float32/float64 are cast")
-    elif kind == "quantize":
-        if dtype not in _FLOATS:
-            raise CodecError(f"quantize step on a non-floating {dtype} tensor")
-        q = step.quantize
-        channels = 1
-        if q.per_channel:
-            if q.axis >= len(shape):
-                raise CodecError(f"quantize axis {q.axis} out of range for rank {len(shape)}")
-            channels = shape[q.axis]
-        if len(q.scale) != channels or len(q.zero_point) != channels:
-            raise CodecError(
-                f"quantize step needs {channels} scales and zero points, "
-                f"got {len(q.scale)} and {len(q.zero_point)}"
-            )
-        scales = np.asarray(q.scale, dtype=np.float32)
-        if scales.size and not (np.all(np.isfinite(scales)) and np.all(scales > 0)):
-            raise CodecError("quantize scales must be finite and positive")
-        zps = np.asarray(q.zero_point, dtype=np.int64)
-        if zps.size and (zps.min() < -128 or zps.max() > 127):
-            raise CodecError("quantize zero points must lie in [-128, 127]")
-    else:
-        raise CodecError(f"unsupported step {kind!r} (zstd must be the last step)")
+        return step, zstd_step
+
+    if dtype not in _FLOATS:
+        raise CodecError(f"quantize step on a non-floating {dtype} tensor")
+    q = step.quantize
+    channels = 1
+    if q.per_channel:
+        if q.axis >= len(shape):
+            raise CodecError(f"quantize axis {q.axis} out of range for rank {len(shape)}")
+        channels = shape[q.axis]
+    if len(q.scale) != channels or len(q.zero_point) != channels:
+        raise CodecError(
+            f"quantize step needs {channels} scales and zero points, "
+            f"got {len(q.scale)} and {len(q.zero_point)}"
+        )
+    scales = np.asarray(q.scale, dtype=np.float32)
+    if not (np.isfinite(scales).all() and (scales > 0).all()):
+        raise CodecError("quantize scales must be finite and positive")
+    zps = np.asarray(q.zero_point, dtype=np.int64)
+    if not ((zps >= -128).all() and (zps <= 127).all()):
+        raise CodecError("quantize zero points must lie in [-128, 127]")
     return step, zstd_step
 
 
@@ -346,7 +425,10 @@ def _stage_dtype(precision: pb.Step | None, dtype: torch.dtype) -> np.dtype:
     return np.dtype("<f2") if precision.cast.to == pb.DTYPE_FLOAT16 else np.dtype("<i2")
 
 
-def _decompress(payload: bytes, expected: int) -> np.ndarray:
+def _decompress(payload: bytes, expected: int) -> bytes:
+    """Decompress exactly one zstd frame that declares exactly ``expected`` bytes."""
+    if payload[:4] != _ZSTD_MAGIC:  # not zstd, or a skippable frame
+        raise CodecError("payload is not a standard zstd frame")
     try:
         params = zstandard.get_frame_parameters(payload)
     except zstandard.ZstdError as e:
@@ -357,46 +439,39 @@ def _decompress(payload: bytes, expected: int) -> np.ndarray:
         raise CodecError(
             f"zstd frame declares {params.content_size} bytes; the header implies {expected}"
         )
-    out = np.empty(expected, dtype=np.uint8)
-    if expected == 0:
-        return out
-    filled = 0
+    # Safe now: zstandard allocates the declared content size, which we just bounded.
+    # It also checks the frame decodes to exactly that size with nothing after it.
     try:
-        with _decompressor.stream_reader(payload, read_across_frames=False) as reader:
-            view = memoryview(out)
-            while filled < expected:
-                n = reader.readinto(view[filled:])
-                if n == 0:
-                    break
-                filled += n
+        return _decompressor().decompress(payload, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise CodecError(f"corrupt zstd payload: {e}") from e
-    if filled != expected:
-        raise CodecError(f"zstd payload is truncated: got {filled} of {expected} bytes")
-    return out
 
 
-def _undo_precision(
-    stage: np.ndarray, step: pb.Step, dtype: torch.dtype, shape: tuple[int, ...]
+def _dequantize(
+    codes: np.ndarray, q: pb.Quantize, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> torch.Tensor:
-    if step.WhichOneof("kind") == "cast":
-        if step.cast.to == pb.DTYPE_FLOAT16:
-            wide = stage.astype(np.float32)
-        else:  # bfloat16: the high half of a float32
-            wide = (stage.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    wide_dtype = np.float64 if dtype == torch.float64 else np.float32
+    scale = np.asarray(q.scale, dtype=wide_dtype)
+    zero = np.asarray(q.zero_point, dtype=wide_dtype)
+    codes = codes.reshape(shape)
+    if q.per_channel:
+        view = [1] * len(shape)
+        view[q.axis] = -1
+        scale, zero = scale.reshape(view), zero.reshape(view)
     else:
-        q = step.quantize
-        scale = np.asarray(q.scale, dtype=np.float32)
-        zero = np.asarray(q.zero_point, dtype=np.float32)
-        codes = stage.reshape(shape)
-        if q.per_channel:
-            view = [1] * len(shape)
-            view[q.axis] = -1
-            scale, zero = scale.reshape(view), zero.reshape(view)
-        else:
-            scale, zero = scale.reshape(()), zero.reshape(())
-        wide = np.empty(shape, dtype=np.float32)
-        np.subtract(codes, zero, out=wide, dtype=np.float32)
-        wide *= scale
-    out = torch.from_numpy(wide).reshape(shape)
-    return out if dtype == torch.float32 else out.to(dtype)
+        scale, zero = scale.reshape(()), zero.reshape(())
+    wide = np.empty(shape, dtype=wide_dtype)
+    np.subtract(codes, zero, out=wide, dtype=wide_dtype)
+    # The extreme codes reach half a step past the range the encoder saw; where that
+    # passes the dtype's largest finite value, clip so the result stays finite.
+    zps = np.asarray(q.zero_point, dtype=np.float64)
+    reach = float(np.max(np.maximum(128.0 + zps, 127.0 - zps) * np.asarray(q.scale)))
+    limit = _FINITE_MAX[dtype]
+    if reach > limit:
+        with np.errstate(over="ignore"):
+            np.multiply(wide, scale, out=wide)
+        np.clip(wide, -limit, limit, out=wide)
+    else:
+        np.multiply(wide, scale, out=wide)
+    out = torch.from_numpy(wide)
+    return out if dtype in _WIDE else out.to(dtype)

@@ -169,7 +169,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a safetensors file (or a weights-only torch file) into ``model``, strictly."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist (train one: splitnet train)")
+        raise ModelError(f"weights file {str(path)!r} does not exist or is not a file (train one: splitnet train)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
