@@ -1,5 +1,7 @@
 """splitnet: cut a PyTorch model in two and run the halves on an edge device and a server."""
 
+__version__ = "0.1.0"
+
 from splitnet.codecs import CodecSpec, DecodeLimits, decode, encode, parse_codec
 from splitnet.models import fingerprint, load_model
 from splitnet.partition import Cut, FrontierTensor, SplitGraph, trace

@@ -26,8 +26,10 @@ from __future__ import annotations
 import functools
 import math
 import re
+import struct
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +54,7 @@ PRECISIONS = ("none", "fp16", "bf16", "int8", "int8c")
 DEFAULT_ZSTD_LEVEL = 3
 
 # torch dtype <-> wire enum <-> numpy dtype used to hold the bytes.
-_TORCH_TO_WIRE: dict[torch.dtype, int] = {
+_TORCH_TO_WIRE: dict[torch.dtype, pb.DType] = {
     torch.float32: pb.DTYPE_FLOAT32,
     torch.float16: pb.DTYPE_FLOAT16,
     torch.bfloat16: pb.DTYPE_BFLOAT16,
@@ -83,6 +85,7 @@ _WIDE = (torch.float32, torch.float64)  # the dtypes a cast step narrows
 # Largest finite value of each cast target; a finite input beyond it is refused.
 _CAST_MAX = {"fp16": 65504.0, "bf16": 3.3895313892515355e38}
 _CAST_TO = {"fp16": (torch.float16, pb.DTYPE_FLOAT16), "bf16": (torch.bfloat16, pb.DTYPE_BFLOAT16)}
+_F32 = struct.Struct("<f")  # rounds a Python float to float32 (OverflowError past its range)
 _F32_MAX = float(np.finfo(np.float32).max)
 _FINITE_MAX = {
     torch.float16: _CAST_MAX["fp16"],
@@ -202,7 +205,7 @@ def encode(tensor: torch.Tensor, codec: str | CodecSpec = "raw") -> pb.Tensor:
             + ", ".join(str(d) for d in _TORCH_TO_WIRE)
         )
     t = tensor.detach()
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.cpu()
     t = t.contiguous()
     msg = pb.Tensor(dtype=wire_dtype, raw_nbytes=t.numel() * t.element_size(), shape=t.shape)
@@ -215,7 +218,8 @@ def encode(tensor: torch.Tensor, codec: str | CodecSpec = "raw") -> pb.Tensor:
 
     if spec.zstd_level is not None:
         msg.steps.add().zstd.level = spec.zstd_level
-        msg.payload = _compressor(spec.zstd_level).compress(data)
+        flat = data.reshape(-1).view(np.uint8).data  # a memoryview of the bytes, no copy
+        msg.payload = _compressor(spec.zstd_level).compress(flat)
     else:
         msg.payload = data.tobytes()
     return msg
@@ -284,36 +288,46 @@ def _quantize_per_tensor(x: torch.Tensor, q: pb.Quantize, codec: str) -> torch.T
     wide_scale = (hi - lo) / 255.0
     if wide_scale > _F32_MAX:
         raise _too_wide(codec)
-    scale = max(float(np.float32(wide_scale)), _F32_TINY)
+    scale = max(_F32.unpack(_F32.pack(wide_scale))[0], _F32_TINY)  # the float32 that travels
     zero_point = min(max(round(-128.0 - lo / scale), -128), 127)
     q.scale.append(scale)
     q.zero_point.append(zero_point)
     # One fused pass for zero_point + x / scale, then round, clamp, narrow in place.
-    v = torch.add(torch.tensor(float(zero_point), dtype=x.dtype), x, alpha=1.0 / scale)
+    v = torch.add(_zero_tensor(zero_point, x.dtype), x, alpha=1.0 / scale)
     return v.round_().clamp_(-128, 127).to(torch.int8)
 
 
+@functools.lru_cache(maxsize=512)
+def _zero_tensor(zero_point: int, dtype: torch.dtype) -> torch.Tensor:
+    """A cached 0-d tensor holding ``zero_point`` (only ever read)."""
+    return torch.tensor(float(zero_point), dtype=dtype)
+
+
 def _quantize_per_channel(x: torch.Tensor, q: pb.Quantize) -> torch.Tensor:
-    channels = x.shape[1]
+    n, channels = x.shape[0], x.shape[1]
     # One pass over the data: min and max of each (sample, channel) row, then over samples.
-    lo_nc, hi_nc = torch.aminmax(x.reshape(x.shape[0], channels, -1), dim=-1)
-    lo = lo_nc.amin(dim=0).double().clamp_(max=0.0)  # amin/amax propagate NaN
-    hi = hi_nc.amax(dim=0).double().clamp_(min=0.0)
-    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+    # The per-channel parameters are a few hundred numbers: numpy, in float64.
+    lo_nc, hi_nc = torch.aminmax(x.reshape(n, channels, -1), dim=-1)
+    if n > 1:
+        lo_nc, hi_nc = lo_nc.amin(dim=0, keepdim=True), hi_nc.amax(dim=0, keepdim=True)
+    lo = np.minimum(lo_nc.numpy()[0].astype(np.float64), 0.0)
+    hi = np.maximum(hi_nc.numpy()[0].astype(np.float64), 0.0)
+    wide_scale = (hi - lo) / 255.0  # NaN or infinite wherever a channel is
+    if not np.isfinite(wide_scale).all():
         raise _not_finite("int8c")
-    scale = ((hi - lo) / 255.0).float()
-    if not bool(torch.isfinite(scale).all()):
+    if wide_scale.max() > _F32_MAX:
         raise _too_wide("int8c")
-    scale = scale.clamp_(min=_F32_TINY).double()
-    zero_point = torch.round(-128.0 - lo / scale).clamp_(-128, 127)
+    scale = np.maximum(wide_scale.astype(np.float32), np.float32(_F32_TINY)).astype(np.float64)
+    zero_point = np.clip(np.round(-128.0 - lo / scale), -128, 127)
     q.per_channel = True
     q.axis = 1
     q.scale.extend(scale.tolist())
-    q.zero_point.extend(int(z) for z in zero_point.tolist())
+    q.zero_point.extend(zero_point.astype(np.int64).tolist())
     view = [1] * x.dim()
     view[1] = channels
-    inv = (1.0 / scale).to(x.dtype).view(view)
-    v = torch.addcmul(zero_point.to(x.dtype).view(view), x, inv)
+    np_dtype = np.float64 if x.dtype == torch.float64 else np.float32
+    inv = torch.from_numpy((1.0 / scale).astype(np_dtype).reshape(view))
+    v = torch.addcmul(torch.from_numpy(zero_point.astype(np_dtype).reshape(view)), x, inv)
     return v.round_().clamp_(-128, 127).to(torch.int8)
 
 
@@ -331,36 +345,42 @@ def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Te
     shape = tuple(msg.shape)
     if len(shape) > limits.max_rank:
         raise CodecError(f"rank {len(shape)} exceeds the limit of {limits.max_rank}")
-    for d in shape:
-        if d < 0 or d > limits.max_dim:
-            raise CodecError(f"dimension {d} in shape {list(shape)} is negative or too large")
+    if shape and (min(shape) < 0 or max(shape) > limits.max_dim):
+        bad = next(d for d in shape if d < 0 or d > limits.max_dim)
+        raise CodecError(f"dimension {bad} in shape {list(shape)} is negative or too large")
     numel = math.prod(shape)
-    itemsize = _NUMPY_HOLDER[dtype].itemsize
-    raw = numel * itemsize
+    holder = _NUMPY_HOLDER[dtype]
+    raw = numel * holder.itemsize
     if raw != msg.raw_nbytes:
         raise CodecError(
-            f"declared raw size {msg.raw_nbytes} != prod(shape) x itemsize = {numel} x {itemsize}"
+            f"declared raw size {msg.raw_nbytes} != prod(shape) x itemsize = "
+            f"{numel} x {holder.itemsize}"
         )
     if raw > limits.max_raw_bytes:
         raise CodecError(f"tensor of {raw} bytes exceeds the limit of {limits.max_raw_bytes} bytes")
 
-    precision, zstd_step = _check_steps(msg, dtype, shape)
-    stage_dtype = _stage_dtype(precision, dtype)
-    stage_nbytes = numel * stage_dtype.itemsize
+    kind, zstd_step = _step_kinds(msg.steps)
+    if kind == "quantize":
+        quant = _quantize_params(msg.steps[0].quantize, dtype, shape)
+        stage: np.dtype = np.dtype("i1")
+    elif kind == "cast":
+        narrow = _check_cast(msg.steps[0].cast, dtype)
+        stage = np.dtype("<f2") if narrow == torch.float16 else np.dtype("<i2")
+    else:
+        stage = holder
+    stage_nbytes = numel * stage.itemsize
     payload = msg.payload
     if zstd_step:
         payload = _decompress(payload, stage_nbytes)
     elif len(payload) != stage_nbytes:
         raise CodecError(f"payload holds {len(payload)} bytes; the header implies {stage_nbytes}")
 
-    if precision is not None and precision.WhichOneof("kind") == "quantize":
+    if kind == "quantize":
         # numpy reads the (immutable) payload in place and writes a fresh result.
-        return _dequantize(np.frombuffer(payload, dtype=np.int8), precision.quantize, dtype, shape)
-
+        return _dequantize(np.frombuffer(payload, dtype=np.int8), *quant, dtype, shape)
     # The only copy: the payload is immutable, the result must be writable.
-    arr = np.frombuffer(payload, dtype=stage_dtype).copy()
-    if precision is not None:  # cast: widen with torch, far faster than numpy for halves
-        narrow, _ = _CAST_TO["fp16" if precision.cast.to == pb.DTYPE_FLOAT16 else "bf16"]
+    arr = np.frombuffer(payload, dtype=stage).copy()
+    if kind == "cast":  # widen with torch: far faster than numpy for halves
         return torch.from_numpy(arr).view(narrow).to(dtype).reshape(shape)
     if dtype == torch.bool and arr.size and arr.view(np.uint8).max() > 1:
         raise CodecError("bool tensor holds bytes other than 0 and 1")
@@ -370,59 +390,71 @@ def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Te
     return out.reshape(shape)
 
 
-def _check_steps(
-    msg: pb.Tensor, dtype: torch.dtype, shape: tuple[int, ...]
-) -> tuple[pb.Step | None, bool]:
-    if len(msg.steps) > 2:
-        raise CodecError(f"{len(msg.steps)} steps; a wire tensor has at most two")
-    steps = list(msg.steps)
-    zstd_step = bool(steps) and steps[-1].WhichOneof("kind") == "zstd"
-    if zstd_step:
-        steps.pop()
-    if not steps:
+def _step_kinds(steps: Sequence[pb.Step]) -> tuple[str | None, bool]:
+    """``(precision step kind or None, whether a zstd step ends the chain)``."""
+    if len(steps) > 2:
+        raise CodecError(f"{len(steps)} steps; a wire tensor has at most two")
+    kinds = [s.WhichOneof("kind") for s in steps]
+    zstd_step = bool(kinds) and kinds[-1] == "zstd"
+    head = kinds[:-1] if zstd_step else kinds
+    if not head:
         return None, zstd_step
-    step = steps[0]
-    kind = step.WhichOneof("kind")
-    if len(steps) > 1 or kind not in ("cast", "quantize"):
-        raise CodecError(
-            f"unsupported step chain {[s.WhichOneof('kind') for s in msg.steps]}; expected "
-            "at most one cast or quantize step, then at most one zstd step"
-        )
-    if kind == "cast":
-        if step.cast.to not in (pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16):
-            raise CodecError(f"cast target {step.cast.to} is not FLOAT16 or BFLOAT16")
-        if dtype not in _WIDE:
-            raise CodecError(f"cast step on a {dtype} tensor; only float32/float64 are cast")
-        return step, zstd_step
+    if len(head) == 1 and head[0] in ("cast", "quantize"):
+        return head[0], zstd_step
+    raise CodecError(
+        f"unsupported step chain {kinds}; expected at most one cast or quantize step, "
+        "then at most one zstd step"
+    )
 
+
+def _check_cast(cast: pb.Cast, dtype: torch.dtype) -> torch.dtype:
+    if cast.to not in (pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16):
+        raise CodecError(f"cast target {cast.to} is not FLOAT16 or BFLOAT16")
+    if dtype not in _WIDE:
+        raise CodecError(f"cast step on a {dtype} tensor; only float32/float64 are cast")
+    return torch.float16 if cast.to == pb.DTYPE_FLOAT16 else torch.bfloat16
+
+
+_Params = float | np.ndarray
+
+
+def _quantize_params(
+    q: pb.Quantize, dtype: torch.dtype, shape: tuple[int, ...]
+) -> tuple[_Params, _Params, float]:
+    """Validated ``(scale, zero_point, reach)``: Python floats per tensor, arrays shaped
+    to broadcast per channel; ``reach`` is the largest magnitude a code can decode to.
+    """
     if dtype not in _FLOATS:
         raise CodecError(f"quantize step on a non-floating {dtype} tensor")
-    q = step.quantize
-    channels = 1
-    if q.per_channel:
-        if q.axis >= len(shape):
-            raise CodecError(f"quantize axis {q.axis} out of range for rank {len(shape)}")
-        channels = shape[q.axis]
+    per_channel, axis = q.per_channel, q.axis
+    if per_channel and axis >= len(shape):
+        raise CodecError(f"quantize axis {axis} out of range for rank {len(shape)}")
+    channels = shape[axis] if per_channel else 1
     if len(q.scale) != channels or len(q.zero_point) != channels:
         raise CodecError(
             f"quantize step needs {channels} scales and zero points, "
             f"got {len(q.scale)} and {len(q.zero_point)}"
         )
-    scales = np.asarray(q.scale, dtype=np.float32)
-    if not (np.isfinite(scales).all() and (scales > 0).all()):
+    if not per_channel:
+        scale, zero = q.scale[0], q.zero_point[0]
+        if not 0.0 < scale < math.inf:
+            raise CodecError("quantize scales must be finite and positive")
+        if not -128 <= zero <= 127:
+            raise CodecError("quantize zero points must lie in [-128, 127]")
+        return scale, float(zero), max(128 + zero, 127 - zero) * scale
+    if channels == 0:
+        return 1.0, 0.0, 0.0
+    scales = np.asarray(q.scale, dtype=np.float64)
+    zeros = np.asarray(q.zero_point, dtype=np.float64)
+    if not (scales.min() > 0.0 and scales.max() < math.inf):  # NaN fails both
         raise CodecError("quantize scales must be finite and positive")
-    zps = np.asarray(q.zero_point, dtype=np.int64)
-    if not ((zps >= -128).all() and (zps <= 127).all()):
+    if not (zeros.min() >= -128 and zeros.max() <= 127):
         raise CodecError("quantize zero points must lie in [-128, 127]")
-    return step, zstd_step
-
-
-def _stage_dtype(precision: pb.Step | None, dtype: torch.dtype) -> np.dtype:
-    if precision is None:
-        return _NUMPY_HOLDER[dtype]
-    if precision.WhichOneof("kind") == "quantize":
-        return np.dtype("i1")
-    return np.dtype("<f2") if precision.cast.to == pb.DTYPE_FLOAT16 else np.dtype("<i2")
+    reach = float((np.maximum(128.0 + zeros, 127.0 - zeros) * scales).max())
+    view = [1] * len(shape)
+    view[axis] = channels
+    wide = np.float64 if dtype == torch.float64 else np.float32
+    return scales.astype(wide).reshape(view), zeros.astype(wide).reshape(view), reach
 
 
 def _decompress(payload: bytes, expected: int) -> bytes:
@@ -448,24 +480,18 @@ def _decompress(payload: bytes, expected: int) -> bytes:
 
 
 def _dequantize(
-    codes: np.ndarray, q: pb.Quantize, dtype: torch.dtype, shape: tuple[int, ...]
+    codes: np.ndarray,
+    scale: _Params,
+    zero: _Params,
+    reach: float,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
 ) -> torch.Tensor:
     wide_dtype = np.float64 if dtype == torch.float64 else np.float32
-    scale = np.asarray(q.scale, dtype=wide_dtype)
-    zero = np.asarray(q.zero_point, dtype=wide_dtype)
-    codes = codes.reshape(shape)
-    if q.per_channel:
-        view = [1] * len(shape)
-        view[q.axis] = -1
-        scale, zero = scale.reshape(view), zero.reshape(view)
-    else:
-        scale, zero = scale.reshape(()), zero.reshape(())
     wide = np.empty(shape, dtype=wide_dtype)
-    np.subtract(codes, zero, out=wide, dtype=wide_dtype)
+    np.subtract(codes.reshape(shape), zero, out=wide, dtype=wide_dtype)
     # The extreme codes reach half a step past the range the encoder saw; where that
     # passes the dtype's largest finite value, clip so the result stays finite.
-    zps = np.asarray(q.zero_point, dtype=np.float64)
-    reach = float(np.max(np.maximum(128.0 + zps, 127.0 - zps) * np.asarray(q.scale)))
     limit = _FINITE_MAX[dtype]
     if reach > limit:
         with np.errstate(over="ignore"):

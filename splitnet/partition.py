@@ -127,6 +127,15 @@ class SplitGraph:
         """Cut names in execution order."""
         return [c.name for c in self.cuts]
 
+    @property
+    def nodes(self) -> list[fx.Node]:
+        """The graph's nodes in execution order (placeholders first, no output node)."""
+        return list(self._nodes)
+
+    def boundary(self, name: str) -> int:
+        """Index in ``nodes`` of the last node the head of cut ``name`` runs."""
+        return self._boundary[self.cut(name).name]
+
     def cut(self, name: str) -> Cut:
         """The cut called ``name``; ``PartitionError`` lists the valid ones otherwise."""
         try:

@@ -7,6 +7,7 @@ import struct
 import tracemalloc
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import numpy as np
 import pytest
@@ -55,9 +56,7 @@ LOSSLESS = ["raw", "zstd:1", "zstd", "zstd:19"]
 LOSSY = ["fp16", "bf16", "int8", "int8c", "fp16+zstd:1", "bf16+zstd", "int8+zstd:1", "int8c+zstd"]
 # Same-width integer dtype, to compare floats bit for bit (NaN payloads included).
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-SETTINGS = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -115,11 +114,12 @@ BF16_MAX = 3.3895313892515355e38  # largest finite bfloat16 (exact in float32)
 
 
 def float_values(dtype: torch.dtype, *, bound: float, nonfinite: bool) -> st.SearchStrategy[float]:
-    width = 64 if dtype == torch.float64 else 32
-    if width == 32:  # hypothesis wants float32 bounds it can represent exactly
+    if dtype == torch.float64:
+        finite = st.floats(-bound, bound, width=64)
+    else:  # hypothesis wants float32 bounds it can represent exactly
         b32 = np.float32(bound)
         bound = float(b32 if b32 <= bound else np.nextafter(b32, np.float32(0)))
-    finite = st.floats(-bound, bound, width=width)
+        finite = st.floats(-bound, bound, width=32)
     if not nonfinite:
         return finite
     return st.one_of(finite, st.sampled_from([math.nan, math.inf, -math.inf]))
@@ -225,7 +225,9 @@ def per_channel_ranges(x: torch.Tensor) -> torch.Tensor:
 
 
 @SETTINGS
-@given(x=float_tensors(FLOATS), codec=st.sampled_from(["int8", "int8c", "int8+zstd:1", "int8c+zstd:1"]))
+@given(
+    x=float_tensors(FLOATS), codec=st.sampled_from(["int8", "int8c", "int8+zstd:1", "int8c+zstd:1"])
+)
 def test_int8_within_half_a_step(x: torch.Tensor, codec: str) -> None:
     msg = encode(x, codec)
     y = decode(msg)
@@ -422,9 +424,7 @@ def test_parse_rejects_non_strings_and_bad_specs() -> None:
 MiB = 1 << 20
 
 
-def assert_rejected_cheaply(
-    msg: pb.Tensor, match: str, limits: DecodeLimits | None = None
-) -> None:
+def assert_rejected_cheaply(msg: pb.Tensor, match: str, limits: DecodeLimits | None = None) -> None:
     """decode raises CodecError, and Python/numpy allocate well under 1 MiB doing so."""
     kwargs = {} if limits is None else {"limits": limits}
     tracemalloc.start()
@@ -444,11 +444,16 @@ def wire(
     raw_nbytes: int | None = None,
     steps: list[pb.Step] | None = None,
 ) -> pb.Tensor:
-    itemsize = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_BOOL: 1, pb.DTYPE_INT32: 4}.get(dtype, 4)
+    """A wire tensor built by hand; raw_nbytes defaults to the honest value."""
+    itemsize = 1 if dtype == pb.DTYPE_BOOL else 4
     if raw_nbytes is None:
         raw_nbytes = max(math.prod(shape), 0) * itemsize
     return pb.Tensor(
-        shape=shape, dtype=dtype, payload=payload, raw_nbytes=raw_nbytes, steps=steps or []
+        shape=shape,
+        dtype=cast(pb.DType, dtype),  # any int: the enum is open on the wire
+        payload=payload,
+        raw_nbytes=raw_nbytes,
+        steps=steps or [],
     )
 
 
@@ -457,16 +462,14 @@ def zstd_step() -> pb.Step:
 
 
 def cast_step(to: int = pb.DTYPE_FLOAT16) -> pb.Step:
-    return pb.Step(cast=pb.Cast(to=to))
+    return pb.Step(cast=pb.Cast(to=cast(pb.DType, to)))
 
 
 def quant_step(
     scale: list[float], zero_point: list[int], per_channel: bool = False, axis: int = 0
 ) -> pb.Step:
     return pb.Step(
-        quantize=pb.Quantize(
-            per_channel=per_channel, axis=axis, scale=scale, zero_point=zero_point
-        )
+        quantize=pb.Quantize(per_channel=per_channel, axis=axis, scale=scale, zero_point=zero_point)
     )
 
 
@@ -487,8 +490,8 @@ def test_bomb_frame_is_well_formed() -> None:
     assert zstandard.ZstdDecompressor().decompress(bomb_frame(16)) == b"\0" * 16
 
 
-def _compressed(data: bytes, **kw: bool) -> bytes:
-    return zstandard.ZstdCompressor(level=1, **kw).compress(data)
+def _compressed(data: bytes, write_content_size: bool = True) -> bytes:
+    return zstandard.ZstdCompressor(level=1, write_content_size=write_content_size).compress(data)
 
 
 def _streamed(data: bytes) -> bytes:
@@ -635,9 +638,7 @@ HOSTILE: dict[str, tuple[Callable[[], pb.Tensor], str, DecodeLimits | None]] = {
         None,
     ),
     "quantize per channel, scale count not the channel count": (
-        lambda: wire(
-            [2, 3], payload=bytes(6), steps=[quant_step([1.0] * 2, [0] * 2, True, 1)]
-        ),
+        lambda: wire([2, 3], payload=bytes(6), steps=[quant_step([1.0] * 2, [0] * 2, True, 1)]),
         "needs 3 scales",
         None,
     ),
@@ -730,7 +731,9 @@ HOSTILE: dict[str, tuple[Callable[[], pb.Tensor], str, DecodeLimits | None]] = {
         None,
     ),
     "cast on a float16 tensor": (
-        lambda: wire([4], dtype=pb.DTYPE_FLOAT16, raw_nbytes=8, payload=bytes(8), steps=[cast_step()]),
+        lambda: wire(
+            [4], dtype=pb.DTYPE_FLOAT16, raw_nbytes=8, payload=bytes(8), steps=[cast_step()]
+        ),
         "cast step on a torch.float16",
         None,
     ),
@@ -774,7 +777,9 @@ def test_decode_limits_validate_themselves() -> None:
 
 def test_limits_admit_what_they_name() -> None:
     x = torch.zeros(16, 16)
-    assert decode(encode(x, "zstd:1"), limits=DecodeLimits(max_raw_bytes=1024, max_rank=2)).shape == (
+    assert decode(
+        encode(x, "zstd:1"), limits=DecodeLimits(max_raw_bytes=1024, max_rank=2)
+    ).shape == (
         16,
         16,
     )

@@ -1,0 +1,1 @@
+"""The cloud side: the gRPC server running model tails."""

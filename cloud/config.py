@@ -1,0 +1,53 @@
+"""Server configuration: a typed, validated dataclass that the CLI only fills in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from splitnet.wire import CHUNK_BYTES
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelEntry:
+    """One model to serve."""
+
+    name: str  # registry name, e.g. "digits-cnn" or "torchvision:resnet18"
+    weights: str | None = None  # safetensors file; None: the model's deterministic init
+    input_shape: tuple[int, ...] | None = None  # None: the registry's default
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Everything ``splitnet-cloud`` can be told."""
+
+    models: tuple[ModelEntry, ...] = field(default_factory=tuple)  # at least one
+    host: str = "127.0.0.1"  # address to listen on
+    port: int = 0  # 0 picks a free port
+    device: str = "cpu"  # "cpu" or "cuda"
+    workers: int = 2  # threads running decode, tail and encode
+    max_message_bytes: int = 64 * MiB  # largest gRPC message accepted or sent
+    max_decoded_bytes: int = 256 * MiB  # largest decoded frontier per request
+    max_batch_size: int = 8  # dynamic batching: most samples per tail run
+    max_queue_delay_us: int = 0  # dynamic batching: longest wait for a fuller batch
+    max_in_flight: int = 256  # requests admitted at once; more get RESOURCE_EXHAUSTED
+    chunk_bytes: int = CHUNK_BYTES  # chunk size for large payloads on streams
+    profile_runs: int = 3  # timed runs per model at start-up for per-cut tail latency
+    grace_s: float = 10.0  # how long in-flight requests may finish at shutdown
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("serve at least one model (--model NAME[=WEIGHTS])")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+        for name in ("workers", "max_message_bytes", "max_decoded_bytes", "max_batch_size",
+                     "max_in_flight", "chunk_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_queue_delay_us < 0 or self.profile_runs < 0 or self.grace_s < 0:
+            raise ValueError("max_queue_delay_us, profile_runs and grace_s must be >= 0")
+        if self.chunk_bytes > self.max_message_bytes // 2:
+            raise ValueError("chunk_bytes must be at most half of max_message_bytes")

@@ -1,0 +1,150 @@
+"""The standalone server: the servicer plus health checking, reflection and shutdown.
+
+    server = await CloudServer.start(config)   # binds, prints nothing
+    print(server.banner())
+    await server.wait()                       # until stop() or a signal
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloud.config import ServerConfig
+from cloud.runtime import TailRuntime
+from cloud.service import SplitInferenceService
+from splitnet.v1 import inference_pb2 as pb
+from splitnet.v1 import inference_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name
+
+
+def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC options: message limits, and keepalive that suits mobile links."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Allow clients' keepalive pings every 10 s even without calls in flight.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
+
+
+class CloudServer:
+    """A running server; create with ``await CloudServer.start(config)``."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        server: grpc.aio.Server,
+        service: SplitInferenceService,
+        health_servicer: health.aio.HealthServicer,
+        executor: ThreadPoolExecutor,
+        port: int,
+    ) -> None:
+        self.config = config
+        self.server = server
+        self.service = service
+        self.health = health_servicer
+        self.executor = executor
+        self.port = port
+        self._stopped = asyncio.Event()
+
+    @classmethod
+    async def start(cls, config: ServerConfig, runtime: TailRuntime | None = None) -> CloudServer:
+        """Load the models, bind, and start serving."""
+        loop = asyncio.get_running_loop()
+        if runtime is None:
+            # Loading and profiling take seconds: keep the loop free meanwhile.
+            runtime = await loop.run_in_executor(None, _make_runtime, config)
+        executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tail")
+        server = grpc.aio.server(options=channel_options(config))
+        service = SplitInferenceService(runtime, config, executor)
+        pb_grpc.add_SplitInferenceServicer_to_server(service, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"[{config.host}]" if ":" in config.host else config.host
+        port = server.add_insecure_port(f"{address}:{config.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port} (in use, or no such address)")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return cls(config, server, service, health_servicer, executor, port)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as a client would dial it."""
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{host}:{self.port}"
+
+    def banner(self) -> str:
+        """The one start-up line: address, models, fingerprints, cuts."""
+        models = "; ".join(
+            f"{m.name} fingerprint {m.fingerprint[:16]} cuts {len(m.graph.cuts)} "
+            f"({m.graph.cuts[0].name} .. {m.graph.cuts[-1].name})"
+            for m in self.service.runtime.models.values()
+        )
+        c = self.config
+        return (
+            f"splitnet-cloud listening on {self.address} device {c.device} | {models} | "
+            f"max batch {c.max_batch_size}, queue delay {c.max_queue_delay_us} us, "
+            f"in flight {c.max_in_flight}"
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Go NOT_SERVING, let in-flight requests finish (up to ``grace`` s), then stop."""
+        if self._stopped.is_set():
+            return
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s if grace is None else grace)
+        await self.service.batcher.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        """Serve until ``stop()`` or SIGTERM / SIGINT."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, lambda s=sig: self._on_signal(s))
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - not main thread
+                pass
+        await self._stopped.wait()
+
+    async def wait_stopped(self) -> None:
+        """Wait until ``stop()`` has finished (no signal handlers)."""
+        await self._stopped.wait()
+
+    def _on_signal(self, sig: int) -> None:
+        logger.warning("%s: draining in-flight requests, then stopping",
+                       signal.Signals(sig).name)
+        asyncio.get_running_loop().create_task(self.stop())
+
+
+def _make_runtime(config: ServerConfig) -> TailRuntime:
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        from splitnet.errors import SplitNetError
+
+        raise SplitNetError("--device cuda: no CUDA device is available here; use --device cpu")
+    return TailRuntime(
+        config.models,
+        device=config.device,
+        max_decoded_bytes=config.max_decoded_bytes,
+        max_batch_size=config.max_batch_size,
+        profile_runs=config.profile_runs,
+    )

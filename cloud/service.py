@@ -1,0 +1,229 @@
+"""The ``splitnet.v1.SplitInference`` servicer on ``grpc.aio``.
+
+The event loop only moves messages: decoding, the tail and encoding run on the
+executor. Admission is bounded (``max_in_flight``): a full server answers
+``RESOURCE_EXHAUSTED`` at once instead of queueing silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Hashable, Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import grpc
+import torch
+
+from cloud.batcher import DynamicBatcher
+from cloud.config import ServerConfig
+from cloud.runtime import RequestError, TailRuntime
+from splitnet.errors import CodecError
+from splitnet.v1 import inference_pb2 as pb
+from splitnet.v1 import inference_pb2_grpc as pb_grpc
+from splitnet.wire import Reassembler, iter_chunks, strip_payloads
+
+logger = logging.getLogger(__name__)
+
+STREAM_WINDOW = 64  # requests of one stream being worked on at once
+
+
+class SplitInferenceService(pb_grpc.SplitInferenceServicer):
+    """Answers GetModelInfo, Infer and InferStream for the models in ``runtime``."""
+
+    def __init__(self, runtime: TailRuntime, config: ServerConfig, executor: Executor) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.executor = executor
+        self.batcher = DynamicBatcher(
+            self._run_batch,
+            executor,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_us=config.max_queue_delay_us,
+        )
+        self.in_flight = 0
+        self.served = 0
+
+    # ---------------------------------------------------------------- RPCs
+    async def GetModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfoResponse:
+        try:
+            resp = self.runtime.model_info(request.model)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        c = self.config
+        resp.limits.CopyFrom(
+            pb.ServerLimits(
+                max_message_bytes=c.max_message_bytes,
+                max_decoded_bytes=c.max_decoded_bytes,
+                max_batch_size=c.max_batch_size,
+                chunk_bytes=c.chunk_bytes,
+                max_in_flight=c.max_in_flight,
+            )
+        )
+        from splitnet import __version__
+
+        resp.server_version = __version__
+        return resp
+
+    async def Infer(
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InferResponse:
+        if request.chunked_payload_bytes:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "chunked payloads are for InferStream only"
+            )
+        try:
+            return await self._handle(request, None)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+
+    async def InferStream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        order: asyncio.Queue[asyncio.Task[pb.InferResponse] | None] = asyncio.Queue(STREAM_WINDOW)
+        protocol_error: list[str] = []
+        reader = asyncio.get_running_loop().create_task(
+            self._read_stream(request_iterator, order, protocol_error)
+        )
+        try:
+            while True:
+                task = await order.get()
+                if task is None:
+                    break
+                resp = await task
+                for msg in self._response_messages(resp):
+                    yield msg
+            if protocol_error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, protocol_error[0])
+        finally:
+            reader.cancel()
+            while not order.empty():
+                pending = order.get_nowait()
+                if pending is not None:
+                    pending.cancel()
+
+    # ------------------------------------------------------------- helpers
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[pb.StreamRequest],
+        order: asyncio.Queue[asyncio.Task[pb.InferResponse] | None],
+        protocol_error: list[str],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        header: pb.InferRequest | None = None
+        assembler: Reassembler | None = None
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("kind")
+                if kind == "request":
+                    if header is not None:
+                        raise CodecError(f"request {msg.request.id} began before request "
+                                         f"{header.id}'s chunks were complete")
+                    req = msg.request
+                    if req.chunked_payload_bytes:
+                        header = req
+                        assembler = Reassembler(
+                            req.chunked_payload_bytes, len(req.frontier),
+                            self.config.max_decoded_bytes,
+                        )
+                        if assembler.done:
+                            await order.put(loop.create_task(self._answer(req, assembler.payloads())))
+                            header = assembler = None
+                        continue
+                    await order.put(loop.create_task(self._answer(req, None)))
+                elif kind == "chunk":
+                    if header is None or assembler is None or msg.chunk.id != header.id:
+                        raise CodecError(f"chunk for request {msg.chunk.id} that was not announced")
+                    assembler.add(msg.chunk.data)
+                    if assembler.done:
+                        await order.put(loop.create_task(self._answer(header, assembler.payloads())))
+                        header = assembler = None
+                else:
+                    raise CodecError("empty stream message")
+            if header is not None:
+                raise CodecError(f"stream ended before request {header.id}'s chunks were complete")
+        except CodecError as e:
+            protocol_error.append(str(e))
+        finally:
+            await order.put(None)
+
+    async def _answer(self, request: pb.InferRequest, payloads: Sequence[bytearray] | None) -> pb.InferResponse:
+        """Like ``_handle`` but errors travel in-band (streams keep going)."""
+        try:
+            return await self._handle(request, payloads)
+        except RequestError as e:
+            return pb.InferResponse(id=request.id, error=pb.Error(code=e.code.value[0], message=e.message))
+
+    async def _handle(
+        self, request: pb.InferRequest, payloads: Sequence[bytearray] | None
+    ) -> pb.InferResponse:
+        received = time.perf_counter()
+        if self.in_flight >= self.config.max_in_flight:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is at its limit of {self.config.max_in_flight} requests in flight; retry",
+            )
+        self.in_flight += 1
+        try:
+            served, cut = self.runtime.lookup(request)
+            sizes = [len(p) for p in payloads] if payloads is not None else [
+                len(t.payload) for t in request.frontier
+            ]
+            batch = self.runtime.check_frontier(request, cut, sizes)
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            frontier = await loop.run_in_executor(
+                self.executor, self.runtime.decode_frontier, request, payloads
+            )
+            decoded = time.perf_counter()
+            try:
+                result = await self.batcher.submit((served.name, cut.name), frontier, batch)
+            except Exception:
+                logger.exception("tail of %s@%s failed on request %d", served.name, cut.name,
+                                 request.id)
+                raise RequestError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the tail failed on request {request.id}; the server log has the details",
+                ) from None
+            t1 = time.perf_counter()
+            outputs = await loop.run_in_executor(
+                self.executor, self.runtime.encode_outputs, result.value, request.output_codec
+            )
+            done = time.perf_counter()
+            self.served += 1
+            resp = pb.InferResponse(id=request.id, outputs=outputs)
+            resp.timing.CopyFrom(
+                pb.ServerTiming(
+                    queue_ms=result.queue_s * 1e3,
+                    decode_ms=(decoded - t0) * 1e3,
+                    compute_ms=result.compute_s * 1e3,
+                    encode_ms=(done - t1) * 1e3,
+                    batch_size=result.batch_size,
+                    total_ms=(done - received) * 1e3,
+                )
+            )
+            logger.debug("request %d %s@%s batch=%d %.2fms", request.id, served.name, cut.name,
+                         result.batch_size, (done - received) * 1e3)
+            return resp
+        finally:
+            self.in_flight -= 1
+
+    def _run_batch(self, key: Hashable, items: Sequence[Any]) -> list[list[torch.Tensor]]:
+        model, cut = key  # type: ignore[misc]
+        return self.runtime.run_batch(self.runtime.models[model], cut, items)
+
+    def _response_messages(self, resp: pb.InferResponse) -> list[pb.StreamResponse]:
+        payloads = strip_payloads(resp.outputs, self.config.chunk_bytes)
+        if payloads is None:
+            return [pb.StreamResponse(response=resp)]
+        resp.chunked_payload_bytes.extend(len(p) for p in payloads)
+        msgs = [pb.StreamResponse(response=resp)]
+        msgs += [
+            pb.StreamResponse(chunk=pb.Chunk(id=resp.id, data=c))
+            for c in iter_chunks(payloads, self.config.chunk_bytes)
+        ]
+        return msgs

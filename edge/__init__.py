@@ -1,0 +1,1 @@
+"""The edge side: EdgeClient and the splitnet-edge command."""

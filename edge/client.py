@@ -1,0 +1,364 @@
+"""``EdgeClient``: run a model's head on the device and its tail on a splitnet server.
+
+    with EdgeClient("127.0.0.1:50051", "digits-cnn", weights="w.safetensors",
+                    cut="pool1", codec="int8+zstd:1") as client:
+        result = client.infer(x)                 # output + timing breakdown
+        for r in client.infer_many(images):      # pipelined over one stream
+            ...
+
+Every call has a deadline. ``UNAVAILABLE`` is retried with exponential backoff and
+jitter; when the cloud stays unreachable, ``fallback="local"`` runs the whole model
+on the device and marks the result ``fallback=True``; ``fallback="error"`` raises
+``RemoteError``. The client never hangs on a dead server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+
+from splitnet.codecs import decode, encode, parse_codec
+from splitnet.errors import ModelMismatchError, RemoteError, SplitNetError
+from splitnet.models import fingerprint, load_model, resolve
+from splitnet.partition import trace
+from splitnet.report import sample_input
+from splitnet.v1 import inference_pb2 as pb
+from splitnet.v1 import inference_pb2_grpc as pb_grpc
+from splitnet.wire import CHUNK_BYTES, Reassembler, iter_chunks, strip_payloads
+
+__all__ = ["EdgeClient", "InferResult", "Timing"]
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass
+class Timing:
+    """Where one request's time went, in milliseconds."""
+
+    edge_ms: float = 0.0  # head on the device
+    encode_ms: float = 0.0  # encoding the frontier
+    network_ms: float = 0.0  # end-to-end minus everything measured on either side
+    queue_ms: float = 0.0  # waiting in the server's batcher
+    server_decode_ms: float = 0.0
+    cloud_ms: float = 0.0  # the tail on the server (whole batch)
+    server_encode_ms: float = 0.0
+    decode_ms: float = 0.0  # decoding the outputs on the device
+    total_ms: float = 0.0  # head start to outputs decoded
+    batch_size: int = 1  # samples in the server's batch
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class InferResult:
+    """The model's output for one input, and how it was obtained."""
+
+    output: Any  # a tensor, or a tuple of tensors for several outputs
+    cut: str
+    codec: str
+    timing: Timing = field(default_factory=Timing)
+    fallback: bool = False  # True: computed entirely on the device (cloud unreachable)
+
+
+class EdgeClient:
+    """A device-side client for one model split at one cut."""
+
+    def __init__(
+        self,
+        target: str,
+        model: str | nn.Module,
+        *,
+        weights: str | Path | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        cut: str = "input",
+        codec: str = "raw",
+        output_codec: str = "raw",
+        deadline_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        fallback: str = "error",
+        chunk_bytes: int = CHUNK_BYTES,
+        window: int = 8,
+        model_name: str | None = None,
+    ) -> None:
+        if fallback not in ("error", "local"):
+            raise ValueError("fallback must be 'error' or 'local'")
+        if deadline_s <= 0 or retries < 0 or window < 1:
+            raise ValueError("deadline_s must be > 0, retries >= 0, window >= 1")
+        if isinstance(model, str):
+            spec = resolve(model, input_shape)
+            self.model_name = model_name or model
+            self.model = load_model(model, weights, input_shape=spec.input_shape)
+            self.input_shape = spec.input_shape
+        else:
+            if input_shape is None or model_name is None:
+                raise ValueError("a module needs input_shape and model_name (the server's name)")
+            self.model, self.model_name, self.input_shape = model.eval(), model_name, input_shape
+        self.target = target
+        self.codec = str(parse_codec(codec))
+        self.output_codec = str(parse_codec(output_codec))
+        self.deadline_s = deadline_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.fallback = fallback
+        self.chunk_bytes = chunk_bytes
+        self.window = window
+        self.fingerprint = fingerprint(self.model)
+        self.graph = trace(self.model, (sample_input(self.input_shape),))
+        self.cut = self.graph.cut(cut).name
+        self.head, _ = self.graph.split(self.cut)
+        self._ids = itertools.count(1)
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.SplitInferenceStub | None = None
+        self.server_info: pb.ModelInfo | None = None
+
+    # --------------------------------------------------------- lifecycle
+    def __enter__(self) -> EdgeClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Open the channel and check the server serves our model with our weights."""
+        options = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.keepalive_time_ms", 20_000),  # notice dead links on mobile networks
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.enable_retries", 0),  # retries are ours, with backoff and a deadline
+        ]
+        self._channel = grpc.insecure_channel(self.target, options=options)
+        self._stub = pb_grpc.SplitInferenceStub(self._channel)
+        try:
+            self.refresh_info()
+        except RemoteError as e:
+            if self.fallback == "local" and e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                logger.warning("cloud %s unreachable (%s); will fall back to local", self.target, e)
+            else:
+                self.close()
+                raise
+
+    def refresh_info(self) -> pb.ModelInfo:
+        """Ask the server about our model; check the fingerprint and the cut."""
+        resp = self._call(lambda timeout: self._stub_().GetModelInfo(
+            pb.ModelInfoRequest(model=self.model_name), timeout=timeout))
+        info = resp.models[0]
+        if info.fingerprint != self.fingerprint:
+            raise ModelMismatchError(
+                f"server's {self.model_name} has fingerprint {info.fingerprint[:16]}, ours is "
+                f"{self.fingerprint[:16]}: load the same weights on both sides"
+            )
+        self.server_info = info
+        return info
+
+    def close(self) -> None:
+        """Close the channel."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    def _stub_(self) -> pb_grpc.SplitInferenceStub:
+        if self._stub is None:
+            raise SplitNetError("EdgeClient is not connected: use it as a context manager")
+        return self._stub
+
+    # ---------------------------------------------------------- one call
+    def infer(self, x: torch.Tensor) -> InferResult:
+        """Run ``x`` (a batch) through head, wire and tail; retry, then fall back if asked."""
+        t0 = time.perf_counter()
+        request, timing = self._prepare(x, next(self._ids))
+        sent = time.perf_counter()
+        try:
+            resp = self._call(lambda timeout: self._stub_().Infer(request, timeout=timeout))
+        except RemoteError as e:
+            if self.fallback == "local" and e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                return self._local(x, reason=str(e))
+            raise
+        return self._finish(resp, None, timing, t0, sent)
+
+    def _call(self, fn: Any) -> Any:
+        """Call ``fn(timeout)`` within the deadline, retrying UNAVAILABLE with backoff."""
+        deadline = time.monotonic() + self.deadline_s
+        for attempt in itertools.count():
+            left = deadline - time.monotonic()
+            try:
+                return fn(max(left, 0.001))
+            except grpc.RpcError as e:
+                code = e.code()
+                left = deadline - time.monotonic()
+                if code in RETRYABLE and attempt < self.retries and left > 0:
+                    pause = min(self.backoff_s * 2**attempt, 2.0) * (0.5 + random.random())
+                    logger.info("%s; retry %d in %.0f ms", code.name, attempt + 1, pause * 1e3)
+                    time.sleep(min(pause, max(left, 0)))
+                    continue
+                raise RemoteError(code.name, e.details() or code.name) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---------------------------------------------------------- pipeline
+    def infer_many(self, xs: Iterable[torch.Tensor]) -> Iterator[InferResult]:
+        """Stream ``xs`` over one ``InferStream`` call, results in order.
+
+        The head and encoding of the next inputs overlap the network and the server:
+        up to ``window`` requests are in flight. If the stream breaks, the requests
+        without an answer are retried on a fresh stream, then fall back or raise.
+        """
+        todo = list(xs)
+        done = 0
+        attempt = 0
+        while done < len(todo):
+            try:
+                for result in self._stream(todo[done:]):
+                    done += 1
+                    attempt = 0
+                    yield result
+            except RemoteError as e:
+                if e.code in RETRYABLE and attempt < self.retries:
+                    time.sleep(min(self.backoff_s * 2**attempt, 2.0) * (0.5 + random.random()))
+                    attempt += 1
+                    continue
+                if self.fallback == "local" and e.code in UNREACHABLE:
+                    for x in todo[done:]:
+                        done += 1
+                        yield self._local(x, reason=str(e))
+                    return
+                raise
+
+    def _stream(self, xs: list[torch.Tensor]) -> Iterator[InferResult]:
+        slots = threading.Semaphore(self.window)
+        stop = threading.Event()
+        prepared: queue.Queue[tuple[int, Timing, float, float]] = queue.Queue()
+
+        def requests() -> Iterator[pb.StreamRequest]:
+            for x in xs:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                t0 = time.perf_counter()
+                rid = next(self._ids)
+                request, timing = self._prepare(x, rid)
+                payloads = strip_payloads(request.frontier, self.chunk_bytes)
+                if payloads is not None:
+                    request.chunked_payload_bytes.extend(len(p) for p in payloads)
+                prepared.put((rid, timing, t0, time.perf_counter()))
+                yield pb.StreamRequest(request=request)
+                if payloads is not None:
+                    for data in iter_chunks(payloads, self.chunk_bytes):
+                        yield pb.StreamRequest(chunk=pb.Chunk(id=rid, data=data))
+
+        # The whole stream may take as long as every request's deadline together.
+        call = self._stub_().InferStream(requests(), timeout=self.deadline_s * max(1, len(xs)))
+        try:
+            answered = 0
+            assembler: Reassembler | None = None
+            pending: pb.InferResponse | None = None
+            for msg in call:
+                if msg.WhichOneof("kind") == "response":
+                    pending = msg.response
+                    if pending.chunked_payload_bytes:
+                        assembler = Reassembler(pending.chunked_payload_bytes, len(pending.outputs),
+                                                1 << 31)
+                        if not assembler.done:
+                            continue
+                elif assembler is not None and pending is not None:
+                    assembler.add(msg.chunk.data)
+                    if not assembler.done:
+                        continue
+                else:
+                    raise SplitNetError("server sent a chunk nobody announced")
+                assert pending is not None
+                rid, timing, t0, sent = prepared.get(timeout=self.deadline_s)
+                if pending.id != rid:
+                    raise SplitNetError(f"server answered request {pending.id}, expected {rid}")
+                payloads = assembler.payloads() if assembler is not None else None
+                result = self._finish(pending, payloads, timing, t0, sent)
+                assembler = pending = None
+                answered += 1
+                slots.release()
+                yield result
+            if answered < len(xs):
+                raise RemoteError("UNAVAILABLE", f"stream ended after {answered} of {len(xs)} answers")
+        except grpc.RpcError as e:
+            raise RemoteError(e.code().name, e.details() or e.code().name) from None
+        finally:
+            stop.set()
+            call.cancel()
+
+    # ------------------------------------------------------------ pieces
+    def _prepare(self, x: torch.Tensor, rid: int) -> tuple[pb.InferRequest, Timing]:
+        timing = Timing()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            frontier = self.head(x)
+        t1 = time.perf_counter()
+        request = pb.InferRequest(
+            id=rid, model=self.model_name, cut=self.cut, fingerprint=self.fingerprint,
+            output_codec=self.output_codec,
+        )
+        request.frontier.extend(encode(t, self.codec) for t in frontier)
+        t2 = time.perf_counter()
+        timing.edge_ms, timing.encode_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        timing.bytes_sent = request.ByteSize()
+        return request, timing
+
+    def _finish(
+        self,
+        resp: pb.InferResponse,
+        payloads: list[bytearray] | None,
+        timing: Timing,
+        t0: float,
+        sent: float,
+    ) -> InferResult:
+        received = time.perf_counter()
+        if resp.HasField("error"):
+            code = grpc.StatusCode(_code_tuple(resp.error.code)).name
+            raise RemoteError(code, resp.error.message)
+        if payloads is not None:
+            for t, p in zip(resp.outputs, payloads, strict=True):
+                t.payload = bytes(p)
+        outputs = [decode(t) for t in resp.outputs]
+        done = time.perf_counter()
+        st = resp.timing
+        timing.queue_ms, timing.cloud_ms = st.queue_ms, st.compute_ms
+        timing.server_decode_ms, timing.server_encode_ms = st.decode_ms, st.encode_ms
+        timing.batch_size = st.batch_size
+        timing.decode_ms = (done - received) * 1e3
+        timing.total_ms = (done - t0) * 1e3
+        timing.network_ms = max(0.0, (received - sent) * 1e3 - st.total_ms)
+        timing.bytes_received = resp.ByteSize()
+        output: Any = outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return InferResult(output=output, cut=self.cut, codec=self.codec, timing=timing)
+
+    def _local(self, x: torch.Tensor, reason: str) -> InferResult:
+        logger.warning("cloud unreachable (%s): running %s locally", reason, self.model_name)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.model(x)
+        ms = (time.perf_counter() - t0) * 1e3
+        timing = Timing(edge_ms=ms, total_ms=ms)
+        return InferResult(output=out, cut="output", codec="none", timing=timing, fallback=True)
+
+
+def _code_tuple(number: int) -> tuple[int, str]:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value  # type: ignore[no-any-return]
+    return grpc.StatusCode.UNKNOWN.value  # type: ignore[no-any-return]
