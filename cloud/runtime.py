@@ -163,8 +163,18 @@ class TailRuntime:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         return served, cut
 
-    def check_frontier(self, req: pb.InferRequest, cut: Cut, payload_sizes: Sequence[int]) -> int:
+    def check_frontier(
+        self,
+        req: pb.InferRequest,
+        cut: Cut,
+        payload_sizes: Sequence[int],
+        *,
+        max_batch_size: int | None = None,
+        max_decoded_bytes: int | None = None,
+    ) -> int:
         """Validate the frontier headers against the cut, before decoding; return the batch."""
+        max_batch = max_batch_size or self.max_batch_size
+        max_bytes = max_decoded_bytes or self.max_decoded_bytes
         if len(req.frontier) != len(cut.frontier):
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -193,15 +203,15 @@ class TailRuntime:
                 )
             batch = shape[0]
             total += wire.raw_nbytes
-        if batch > self.max_batch_size:
+        if batch > max_batch:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"batch of {batch} exceeds the server's max batch size {self.max_batch_size}",
+                f"batch of {batch} exceeds the server's max batch size {max_batch}",
             )
-        if total > self.max_decoded_bytes or sum(payload_sizes) > self.max_decoded_bytes:
+        if total > max_bytes or sum(payload_sizes) > max_bytes:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request decodes to {total} bytes, over the limit of {self.max_decoded_bytes}",
+                f"request decodes to {total} bytes, over the limit of {max_bytes}",
             )
         return batch
 

@@ -173,7 +173,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             sizes = [len(p) for p in payloads] if payloads is not None else [
                 len(t.payload) for t in request.frontier
             ]
-            batch = self.runtime.check_frontier(request, cut, sizes)
+            batch = self.runtime.check_frontier(
+                request, cut, sizes, max_batch_size=self.config.max_batch_size,
+                max_decoded_bytes=self.config.max_decoded_bytes,
+            )
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
             frontier = await loop.run_in_executor(

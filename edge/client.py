@@ -43,7 +43,8 @@ __all__ = ["EdgeClient", "InferResult", "Timing"]
 logger = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# RemoteError.code names for which the cloud counts as unreachable (fallback applies).
+UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 @dataclass
@@ -95,6 +96,7 @@ class EdgeClient:
         chunk_bytes: int = CHUNK_BYTES,
         window: int = 8,
         model_name: str | None = None,
+        reconnect_wait_s: float = 1.0,
     ) -> None:
         if fallback not in ("error", "local"):
             raise ValueError("fallback must be 'error' or 'local'")
@@ -118,6 +120,7 @@ class EdgeClient:
         self.fallback = fallback
         self.chunk_bytes = chunk_bytes
         self.window = window
+        self.reconnect_wait_s = reconnect_wait_s
         self.fingerprint = fingerprint(self.model)
         self.graph = trace(self.model, (sample_input(self.input_shape),))
         self.cut = self.graph.cut(cut).name
@@ -144,13 +147,15 @@ class EdgeClient:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.enable_retries", 0),  # retries are ours, with backoff and a deadline
+            ("grpc.initial_reconnect_backoff_ms", 100),  # find a restarted server quickly
+            ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         self._channel = grpc.insecure_channel(self.target, options=options)
         self._stub = pb_grpc.SplitInferenceStub(self._channel)
         try:
             self.refresh_info()
         except RemoteError as e:
-            if self.fallback == "local" and e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            if self.fallback == "local" and e.code in UNREACHABLE:
                 logger.warning("cloud %s unreachable (%s); will fall back to local", self.target, e)
             else:
                 self.close()
@@ -158,8 +163,8 @@ class EdgeClient:
 
     def refresh_info(self) -> pb.ModelInfo:
         """Ask the server about our model; check the fingerprint and the cut."""
-        resp = self._call(lambda timeout: self._stub_().GetModelInfo(
-            pb.ModelInfoRequest(model=self.model_name), timeout=timeout))
+        resp = self._call(lambda timeout, ready: self._stub_().GetModelInfo(
+            pb.ModelInfoRequest(model=self.model_name), timeout=timeout, wait_for_ready=ready))
         info = resp.models[0]
         if info.fingerprint != self.fingerprint:
             raise ModelMismatchError(
@@ -181,6 +186,14 @@ class EdgeClient:
             raise SplitNetError("EdgeClient is not connected: use it as a context manager")
         return self._stub
 
+    def use(self, cut: str | None = None, codec: str | None = None) -> None:
+        """Switch to another cut and/or codec for the next requests."""
+        if cut is not None:
+            self.cut = self.graph.cut(cut).name
+            self.head, _ = self.graph.split(self.cut)
+        if codec is not None:
+            self.codec = str(parse_codec(codec))
+
     # ---------------------------------------------------------- one call
     def infer(self, x: torch.Tensor) -> InferResult:
         """Run ``x`` (a batch) through head, wire and tail; retry, then fall back if asked."""
@@ -188,28 +201,44 @@ class EdgeClient:
         request, timing = self._prepare(x, next(self._ids))
         sent = time.perf_counter()
         try:
-            resp = self._call(lambda timeout: self._stub_().Infer(request, timeout=timeout))
+            resp = self._call(
+                lambda timeout, ready: self._stub_().Infer(
+                    request, timeout=timeout, wait_for_ready=ready)
+            )
         except RemoteError as e:
-            if self.fallback == "local" and e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            if self.fallback == "local" and e.code in UNREACHABLE:
                 return self._local(x, reason=str(e))
             raise
         return self._finish(resp, None, timing, t0, sent)
 
     def _call(self, fn: Any) -> Any:
-        """Call ``fn(timeout)`` within the deadline, retrying UNAVAILABLE with backoff."""
+        """Call ``fn(timeout, wait_for_ready)`` within the deadline, retrying UNAVAILABLE.
+
+        The first attempt fails fast if the server is down; each retry waits (bounded,
+        growing) for the channel to reconnect, so a restarted server is picked up.
+        """
         deadline = time.monotonic() + self.deadline_s
         for attempt in itertools.count():
             left = deadline - time.monotonic()
+            waiting = attempt > 0
+            budget = min(left, self.reconnect_wait_s * 2 ** (attempt - 1)) if waiting else left
             try:
-                return fn(max(left, 0.001))
+                return fn(max(budget, 0.001), waiting)
             except grpc.RpcError as e:
                 code = e.code()
                 left = deadline - time.monotonic()
-                if code in RETRYABLE and attempt < self.retries and left > 0:
+                unreachable = code in RETRYABLE or (waiting and code == grpc.StatusCode.DEADLINE_EXCEEDED)
+                if unreachable and attempt < self.retries and left > 0:
                     pause = min(self.backoff_s * 2**attempt, 2.0) * (0.5 + random.random())
                     logger.info("%s; retry %d in %.0f ms", code.name, attempt + 1, pause * 1e3)
                     time.sleep(min(pause, max(left, 0)))
                     continue
+                if unreachable:
+                    raise RemoteError(
+                        "UNAVAILABLE",
+                        f"cloud {self.target} unreachable after {attempt + 1} attempts: "
+                        f"{e.details() or code.name}",
+                    ) from None
                 raise RemoteError(code.name, e.details() or code.name) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -231,7 +260,7 @@ class EdgeClient:
                     attempt = 0
                     yield result
             except RemoteError as e:
-                if e.code in RETRYABLE and attempt < self.retries:
+                if e.code == "UNAVAILABLE" and attempt < self.retries:
                     time.sleep(min(self.backoff_s * 2**attempt, 2.0) * (0.5 + random.random()))
                     attempt += 1
                     continue

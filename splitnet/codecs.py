@@ -231,9 +231,19 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _range(t: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` of a float32/float64 CPU tensor; NaN if it holds any NaN.
+
+    numpy's SIMD reductions beat ``torch.aminmax`` by about 2x here and do not depend
+    on torch's thread pool.
+    """
+    a = t.numpy()
+    return float(a.min()), float(a.max())
+
+
 def _finite_absmax(t: torch.Tensor) -> float:
     """Largest magnitude among the finite values of ``t`` (0 when there are none)."""
-    lo, hi = (float(v) for v in torch.aminmax(t))
+    lo, hi = _range(t)
     if math.isfinite(lo) and math.isfinite(hi):
         return max(-lo, hi)
     finite = t[torch.isfinite(t)]  # rare path: NaN or infinities present
@@ -281,7 +291,7 @@ def _apply_precision(t: torch.Tensor, precision: str, msg: pb.Tensor) -> np.ndar
 
 
 def _quantize_per_tensor(x: torch.Tensor, q: pb.Quantize, codec: str) -> torch.Tensor:
-    lo, hi = (float(v) for v in torch.aminmax(x))
+    lo, hi = _range(x)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise _not_finite(codec)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -304,30 +314,35 @@ def _zero_tensor(zero_point: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _quantize_per_channel(x: torch.Tensor, q: pb.Quantize) -> torch.Tensor:
-    n, channels = x.shape[0], x.shape[1]
-    # One pass over the data: min and max of each (sample, channel) row, then over samples.
-    # The per-channel parameters are a few hundred numbers: numpy, in float64.
-    lo_nc, hi_nc = torch.aminmax(x.reshape(n, channels, -1), dim=-1)
-    if n > 1:
-        lo_nc, hi_nc = lo_nc.amin(dim=0, keepdim=True), hi_nc.amax(dim=0, keepdim=True)
-    lo = np.minimum(lo_nc.numpy()[0].astype(np.float64), 0.0)
-    hi = np.maximum(hi_nc.numpy()[0].astype(np.float64), 0.0)
-    wide_scale = (hi - lo) / 255.0  # NaN or infinite wherever a channel is
-    if not np.isfinite(wide_scale).all():
-        raise _not_finite("int8c")
-    if wide_scale.max() > _F32_MAX:
-        raise _too_wide("int8c")
-    scale = np.maximum(wide_scale.astype(np.float32), np.float32(_F32_TINY)).astype(np.float64)
-    zero_point = np.clip(np.round(-128.0 - lo / scale), -128, 127)
+    channels = x.shape[1]
+    # amin and amax propagate NaN; both are several times faster than aminmax(dim=...).
+    rows = x.reshape(x.shape[0], channels, -1)
+    # The parameters are one number per channel: numpy, float64, in place.
+    lo = rows.amin(dim=(0, 2)).numpy().astype(np.float64)
+    hi = rows.amax(dim=(0, 2)).numpy().astype(np.float64)
+    np.minimum(lo, 0.0, out=lo)
+    np.maximum(hi, 0.0, out=hi)
+    wide_scale = hi - lo
+    wide_scale /= 255.0
+    if not wide_scale.max() <= _F32_MAX:  # NaN, infinite, or beyond float32
+        raise _not_finite("int8c") if not np.isfinite(wide_scale).all() else _too_wide("int8c")
+    scale32 = wide_scale.astype(np.float32)  # the float32s that travel
+    np.maximum(scale32, np.float32(_F32_TINY), out=scale32)
+    scale = scale32.astype(np.float64)
+    zero_point = lo / scale  # in [-255, 0], so -128 - lo / scale rounds into [-128, 127]
+    np.subtract(-128.0, zero_point, out=zero_point)
+    np.round(zero_point, out=zero_point)
+    np.minimum(zero_point, 127.0, out=zero_point)  # float rounding guard
     q.per_channel = True
     q.axis = 1
-    q.scale.extend(scale.tolist())
+    q.scale.extend(scale32.tolist())
     q.zero_point.extend(zero_point.astype(np.int64).tolist())
     view = [1] * x.dim()
     view[1] = channels
     np_dtype = np.float64 if x.dtype == torch.float64 else np.float32
-    inv = torch.from_numpy((1.0 / scale).astype(np_dtype).reshape(view))
-    v = torch.addcmul(torch.from_numpy(zero_point.astype(np_dtype).reshape(view)), x, inv)
+    inv = np.divide(1.0, scale, dtype=np_dtype).reshape(view)
+    zero = zero_point.astype(np_dtype).reshape(view)
+    v = torch.addcmul(torch.from_numpy(zero), x, torch.from_numpy(inv))
     return v.round_().clamp_(-128, 127).to(torch.int8)
 
 
@@ -444,17 +459,18 @@ def _quantize_params(
         return scale, float(zero), max(128 + zero, 127 - zero) * scale
     if channels == 0:
         return 1.0, 0.0, 0.0
-    scales = np.asarray(q.scale, dtype=np.float64)
-    zeros = np.asarray(q.zero_point, dtype=np.float64)
-    if not (scales.min() > 0.0 and scales.max() < math.inf):  # NaN fails both
+    wide = np.float64 if dtype == torch.float64 else np.float32
+    scales = np.asarray(q.scale, dtype=wide)
+    zeros = np.asarray(q.zero_point, dtype=wide)
+    largest = float(scales.max())
+    if not (scales.min() > 0.0 and largest < math.inf):  # NaN fails both
         raise CodecError("quantize scales must be finite and positive")
     if not (zeros.min() >= -128 and zeros.max() <= 127):
         raise CodecError("quantize zero points must lie in [-128, 127]")
-    reach = float((np.maximum(128.0 + zeros, 127.0 - zeros) * scales).max())
     view = [1] * len(shape)
     view[axis] = channels
-    wide = np.float64 if dtype == torch.float64 else np.float32
-    return scales.astype(wide).reshape(view), zeros.astype(wide).reshape(view), reach
+    # |code - zero_point| <= 255, so no value decodes beyond 255 x the largest scale.
+    return scales.reshape(view), zeros.reshape(view), 255.0 * largest
 
 
 def _decompress(payload: bytes, expected: int) -> bytes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = ["Cut", "FrontierTensor", "SplitGraph", "trace"]
 
 logger = logging.getLogger(__name__)
 
+_TRACE_LOCK = threading.Lock()
 INPUT = "input"
 OUTPUT = "output"
 _SUFFIX_RE = re.compile(r"_\d+$")
@@ -315,20 +317,8 @@ def trace(
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise PartitionError("example_inputs must be a tensor or a tuple of tensors")
     model = model.eval()
-    method = "fx"
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as fx_err:  # fx raises many types; we report, then try export
-        logger.info("torch.fx could not trace %s (%s); trying torch.export",
-                    type(model).__name__, _describe(fx_err))
-        try:
-            gm = _export(model, inputs)
-            method = "export"
-        except Exception as ex_err:
-            raise PartitionError(
-                f"cannot trace {type(model).__name__}: torch.fx failed with "
-                f"{_describe(fx_err)}; torch.export failed with {_describe(ex_err)}"
-            ) from ex_err
+    with _TRACE_LOCK:  # fx patches global state while tracing: one trace at a time
+        gm, method = _trace_locked(model, inputs)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     try:
@@ -340,6 +330,21 @@ def trace(
     if check:
         _check_equal(model, gm, inputs)
     return graph
+
+
+def _trace_locked(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, str]:
+    try:
+        return fx.symbolic_trace(model), "fx"
+    except Exception as fx_err:  # fx raises many types; we report, then try export
+        logger.info("torch.fx could not trace %s (%s); trying torch.export",
+                    type(model).__name__, _describe(fx_err))
+        try:
+            return _export(model, inputs), "export"
+        except Exception as ex_err:
+            raise PartitionError(
+                f"cannot trace {type(model).__name__}: torch.fx failed with "
+                f"{_describe(fx_err)}; torch.export failed with {_describe(ex_err)}"
+            ) from ex_err
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
