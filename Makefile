@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 WEIGHTS := .cache/digits-cnn.safetensors
 PROTOS := $(wildcard proto/splitnet/v1/*.proto)
 
-.PHONY: install test lint demo proto bench-codecs lock clean
+.PHONY: install test lint demo proto bench-codecs bench-overhead lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,13 +32,29 @@ test: $(STAMP) lint
 $(WEIGHTS): $(STAMP)
 	$(VENV)/bin/splitnet train digits-cnn --out $(WEIGHTS)
 
+# The main job: train (once), show the cuts, then serve the tail and run the edge
+# client over the digits test set at a middle cut with int8+zstd:1.
+DEMO_CUT ?= pool1
+DEMO_CODEC ?= int8+zstd:1
 demo: $(WEIGHTS)
-	$(VENV)/bin/splitnet cuts digits-cnn --weights $(WEIGHTS)
-	$(VENV)/bin/splitnet eval digits-cnn --weights $(WEIGHTS) \
-		--codecs raw,zstd:1,fp16,bf16,int8,int8c,int8+zstd:1
+	$(VENV)/bin/splitnet cuts digits-cnn --weights $(WEIGHTS) --codecs raw,zstd:1,fp16,int8,int8+zstd:1
+	$(VENV)/bin/splitnet eval digits-cnn --weights $(WEIGHTS) --codecs raw,fp16,int8,int8c,int8+zstd:1 \
+		--cuts input,stem.2,block.relu,pool1,conv.2,fc1,output
+	@set -e; log=$$(mktemp); \
+	$(VENV)/bin/splitnet-cloud --model digits-cnn=$(WEIGHTS) --port 0 >$$log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null || true; rm -f $$log' EXIT; \
+	for i in $$(seq 1 240); do grep -q "listening on" $$log && break; \
+		kill -0 $$pid 2>/dev/null || { cat $$log; exit 1; }; sleep 0.5; done; \
+	head -n 1 $$log; addr=$$(grep -o "listening on [^ ]*" $$log | cut -d" " -f3); \
+	$(VENV)/bin/splitnet-edge run --server $$addr --model digits-cnn --weights $(WEIGHTS) \
+		--cut $(DEMO_CUT) --codec $(DEMO_CODEC); \
+	kill -TERM $$pid; wait $$pid || true; tail -n 1 $$log
 
 bench-codecs: $(STAMP)
 	$(PY) -m benchmarks.codecs
+
+bench-overhead: $(STAMP)
+	$(PY) -m benchmarks.overhead
 
 # Re-pin the development set after changing dependencies.
 lock: $(STAMP)

@@ -6,7 +6,7 @@ For a few cuts of digits-cnn and torchvision resnet18 (early, middle, late), the
 frontier tensors a head really produces are encoded and decoded with each codec. Each
 row reports, for that codec on that cut:
 
-* ``ratio``: float32 bytes / payload bytes;
+* ``ratio``: float32 bytes / serialized message bytes (payload, shape, scales...);
 * ``max_err``: the largest absolute error after a round trip;
 * encode and decode throughput in MB/s of float32 input (1 MB = 10^6 bytes), the
   median of ``--repeat`` samples after warm-up;
@@ -85,7 +85,7 @@ class Row:
     tensors: int  # frontier tensors
     mb: float  # float32 megabytes crossing the cut
     codec: str
-    ratio: float  # float32 bytes / payload bytes
+    ratio: float  # float32 bytes / serialized message bytes
     max_err: float  # largest absolute round-trip error
     enc_mbps: float
     bare_enc_mbps: float
@@ -252,7 +252,7 @@ def bench(model: str, cut: str, xs: Tensors, codec: str, repeat: int) -> Row:
     mb = sum(x.numel() * 4 for x in xs) / 1e6
     msgs = [encode(x, codec) for x in xs]
     err = max(float((decode(m).float() - x).abs().max()) for m, x in zip(msgs, xs, strict=True))
-    payload = sum(len(m.payload) for m in msgs)
+    wire_bytes = sum(m.ByteSize() for m in msgs)
     bare_enc, bare_dec = bare_calls(codec, xs)
     blobs = bare_enc()
     bare_err = max(float((y - x).abs().max()) for y, x in zip(bare_dec(blobs), xs, strict=True))
@@ -273,7 +273,7 @@ def bench(model: str, cut: str, xs: Tensors, codec: str, repeat: int) -> Row:
         tensors=len(xs),
         mb=round(mb, 4),
         codec=codec,
-        ratio=round(mb * 1e6 / payload, 3),
+        ratio=round(mb * 1e6 / wire_bytes, 3),
         max_err=float(f"{err:.4g}"),
         enc_mbps=round(mb / t["enc"], 1),
         bare_enc_mbps=round(mb / t["bare_enc"], 1),
@@ -327,8 +327,16 @@ def table(rows: list[Row]) -> str:
     return "\n".join(text)
 
 
+def load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return None
+
+
 def environment() -> dict[str, object]:
     return {
+        "load_1min_at_start": load(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
@@ -379,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"median of {args.repeat} samples per figure (each >= {MIN_SAMPLE_S * 1e3:.0f} ms) "
         "after warm-up; MB = 10^6 bytes of float32 input; random weights, seeded inputs"
     )
+    busy = env["load_1min_at_start"]
+    if isinstance(busy, float) and busy > 0.5:
+        print(f"note: 1-minute load average {busy} at start; other work may add noise")
     rows = []
     for model, cut, xs in frontiers(args.quick):
         for codec in codecs:
@@ -401,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "min_sample_s": MIN_SAMPLE_S,
         "goal": {"codec": GOAL_CODEC, "max_x_bare": GOAL_RATIO},
         "summary": line,
+        "load_1min_at_end": load(),
         "rows": [asdict(r) for r in rows],
     }
     (args.out / "codecs.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -278,7 +278,7 @@ def _apply_precision(t: torch.Tensor, precision: str, msg: pb.Tensor) -> np.ndar
         msg.steps.add().cast.to = wire
         return _as_numpy(t.to(target))
 
-    # Affine int8: code = round(x / scale) + zero_point, real = (code - zero_point) * scale.
+    # Affine int8: code = round(x / scale + zero_point), real = (code - zero_point) * scale.
     # The scale is rounded to the float32 that travels before quantizing, so the
     # decoder inverts exactly what the encoder did; |error| <= scale / 2 + rounding.
     x = t if t.dtype in _WIDE else t.float()
@@ -393,7 +393,7 @@ def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Te
     if kind == "quantize":
         # numpy reads the (immutable) payload in place and writes a fresh result.
         return _dequantize(np.frombuffer(payload, dtype=np.int8), *quant, dtype, shape)
-    # The only copy: the payload is immutable, the result must be writable.
+    # One copy: the payload is immutable, the result must be writable.
     arr = np.frombuffer(payload, dtype=stage).copy()
     if kind == "cast":  # widen with torch: far faster than numpy for halves
         return torch.from_numpy(arr).view(narrow).to(dtype).reshape(shape)
