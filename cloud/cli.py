@@ -1,7 +1,7 @@
 """``splitnet-cloud``: serve the tails of one or more models over gRPC.
 
-    splitnet-cloud --model digits-cnn=.cache/digits-cnn.safetensors --port 50051
-    splitnet-cloud --model torchvision:resnet18 --model digits-cnn --port 0
+splitnet-cloud --model digits-cnn=.cache/digits-cnn.safetensors --port 50051
+splitnet-cloud --model torchvision:resnet18 --model digits-cnn --port 0
 """
 
 from __future__ import annotations
@@ -29,21 +29,41 @@ def _model(text: str) -> ModelEntry:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="splitnet-cloud", description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=_model, action="append", required=True, metavar="NAME[=WEIGHTS]",
-                   help="a model to serve (repeatable), e.g. digits-cnn=digits.safetensors")
+    p.add_argument(
+        "--model",
+        type=_model,
+        action="append",
+        required=True,
+        metavar="NAME[=WEIGHTS]",
+        help="a model to serve (repeatable), e.g. digits-cnn=digits.safetensors",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (printed)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, default=2, help="threads for decode, tail and encode")
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
     p.add_argument("--max-decoded-mb", type=int, default=256, help="largest decoded request, MiB")
-    p.add_argument("--max-batch-size", type=int, default=8, help="dynamic batching: samples per run")
-    p.add_argument("--max-queue-delay-us", type=int, default=0,
-                   help="dynamic batching: longest wait for a fuller batch (microseconds)")
-    p.add_argument("--max-in-flight", type=int, default=256,
-                   help="requests admitted at once; more get RESOURCE_EXHAUSTED")
-    p.add_argument("--profile-runs", type=int, default=3,
-                   help="timed runs at start-up for per-cut tail latency (0: skip)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=8, help="dynamic batching: samples per run"
+    )
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=0,
+        help="dynamic batching: longest wait for a fuller batch (microseconds)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=256,
+        help="requests admitted at once; more get RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--profile-runs",
+        type=int,
+        default=3,
+        help="timed runs at start-up for per-cut tail latency (0: skip)",
+    )
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain at shutdown")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     return p

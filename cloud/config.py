@@ -34,6 +34,7 @@ class ServerConfig:
     max_in_flight: int = 256  # requests admitted at once; more get RESOURCE_EXHAUSTED
     chunk_bytes: int = CHUNK_BYTES  # chunk size for large payloads on streams
     profile_runs: int = 3  # timed runs per model at start-up for per-cut tail latency
+    inline_tail_us: int = 50  # tails profiled faster than this run on the event loop (0: never)
     grace_s: float = 10.0  # how long in-flight requests may finish at shutdown
 
     def __post_init__(self) -> None:
@@ -43,11 +44,19 @@ class ServerConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
-        for name in ("workers", "max_message_bytes", "max_decoded_bytes", "max_batch_size",
-                     "max_in_flight", "chunk_bytes"):
+        for name in (
+            "workers",
+            "max_message_bytes",
+            "max_decoded_bytes",
+            "max_batch_size",
+            "max_in_flight",
+            "chunk_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_queue_delay_us < 0 or self.profile_runs < 0 or self.grace_s < 0:
-            raise ValueError("max_queue_delay_us, profile_runs and grace_s must be >= 0")
+        if min(self.max_queue_delay_us, self.profile_runs, self.grace_s, self.inline_tail_us) < 0:
+            raise ValueError(
+                "max_queue_delay_us, profile_runs, grace_s and inline_tail_us must be >= 0"
+            )
         if self.chunk_bytes > self.max_message_bytes // 2:
             raise ValueError("chunk_bytes must be at most half of max_message_bytes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +112,9 @@ class TailRuntime:
         served = ServedModel(entry.name, model, graph, fp, spec.input_shape, outputs)
         if profile_runs:
             xd = x.to(self.device)
-            served.tail_ms = {p.cut: p.tail_ms for p in profile_cuts(graph, (xd,), runs=profile_runs)}
+            served.tail_ms = {
+                p.cut: p.tail_ms for p in profile_cuts(graph, (xd,), runs=profile_runs)
+            }
         return served
 
     # ----------------------------------------------------------------- info
@@ -250,7 +253,22 @@ class TailRuntime:
         split = [o.split(sizes) for o in outs]
         return [[s[i] for s in split] for i in range(len(sizes))]
 
-    def encode_outputs(self, outputs: Sequence[torch.Tensor], codec: str) -> list[tensor_pb2.Tensor]:
+    def run_and_encode(
+        self, served: ServedModel, cut: str, items: Sequence[tuple[Sequence[torch.Tensor], str]]
+    ) -> list[tuple[list[tensor_pb2.Tensor], float]]:
+        """One batch: the tail over every item's frontier, then each item's outputs encoded
+        with its own codec. Returns ``(outputs, encode_seconds)`` per item.
+        """
+        results = self.run_batch(served, cut, [frontier for frontier, _ in items])
+        out: list[tuple[list[tensor_pb2.Tensor], float]] = []
+        for outputs, (_, codec) in zip(results, items, strict=True):
+            t0 = time.perf_counter()
+            out.append((self.encode_outputs(outputs, codec), time.perf_counter() - t0))
+        return out
+
+    def encode_outputs(
+        self, outputs: Sequence[torch.Tensor], codec: str
+    ) -> list[tensor_pb2.Tensor]:
         """Encode the outputs with the codec the request asked for (default raw)."""
         try:
             return [encode(o, codec or "raw") for o in outputs]

@@ -1,15 +1,17 @@
 """The standalone server: the servicer plus health checking, reflection and shutdown.
 
-    server = await CloudServer.start(config)   # binds, prints nothing
-    print(server.banner())
-    await server.wait()                       # until stop() or a signal
+server = await CloudServer.start(config)   # binds, prints nothing
+print(server.banner())
+await server.wait()                       # until stop() or a signal
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -29,7 +31,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """gRPC options: message limits, and keepalive that suits mobile links."""
+    """GRPC options: message limits, and keepalive that suits mobile links."""
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -80,7 +82,9 @@ class CloudServer:
         address = f"[{config.host}]" if ":" in config.host else config.host
         port = server.add_insecure_port(f"{address}:{config.port}")
         if port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port} (in use, or no such address)")
+            raise OSError(
+                f"cannot listen on {config.host}:{config.port} (in use, or no such address)"
+            )
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -121,7 +125,7 @@ class CloudServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                loop.add_signal_handler(sig, lambda s=sig: self._on_signal(s))
+                loop.add_signal_handler(sig, functools.partial(self._on_signal, sig))
             except (NotImplementedError, RuntimeError):  # pragma: no cover - not main thread
                 pass
         await self._stopped.wait()
@@ -131,8 +135,7 @@ class CloudServer:
         await self._stopped.wait()
 
     def _on_signal(self, sig: int) -> None:
-        logger.warning("%s: draining in-flight requests, then stopping",
-                       signal.Signals(sig).name)
+        logger.warning("%s: draining in-flight requests, then stopping", signal.Signals(sig).name)
         asyncio.get_running_loop().create_task(self.stop())
 
 
@@ -148,3 +151,58 @@ def _make_runtime(config: ServerConfig) -> TailRuntime:
         max_batch_size=config.max_batch_size,
         profile_runs=config.profile_runs,
     )
+
+
+class BackgroundServer:
+    """A server on an event loop in a thread of its own, for embedding (tests, benchmarks,
+    notebooks). ``BackgroundServer(config)`` returns once it listens; ``stop()`` ends it.
+    """
+
+    def __init__(self, config: ServerConfig, runtime: TailRuntime | None = None) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self.error: BaseException | None = None
+        self.server: CloudServer | None = None
+        self.thread = threading.Thread(target=self._main, args=(runtime,), daemon=True)
+        self.thread.start()
+        if not self._started.wait(120):
+            raise RuntimeError("server did not start in 120 s")
+        if self.error is not None:
+            raise self.error
+
+    def _main(self, runtime: TailRuntime | None) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def run() -> None:
+            try:
+                self.server = await CloudServer.start(self.config, runtime)
+            except BaseException as e:  # reported to the test thread
+                self.error = e
+                self._started.set()
+                return
+            self._started.set()
+            await self.server.wait_stopped()
+
+        try:
+            self.loop.run_until_complete(run())
+        finally:
+            self.loop.close()
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        assert self.server is not None
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to dial."""
+        assert self.server is not None
+        return self.server.address
+
+    def stop(self, grace: float = 0.5) -> None:
+        """Stop the server (in-flight requests get ``grace`` seconds) and its thread."""
+        if self.server is not None and self.thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(30)
+        self.thread.join(30)

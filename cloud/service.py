@@ -12,10 +12,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Hashable, Sequence
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import grpc
-import torch
 
 from cloud.batcher import DynamicBatcher
 from cloud.config import ServerConfig
@@ -28,6 +27,7 @@ from splitnet.wire import Reassembler, iter_chunks, strip_payloads
 logger = logging.getLogger(__name__)
 
 STREAM_WINDOW = 64  # requests of one stream being worked on at once
+INLINE_DECODE_BYTES = 64 << 10  # smaller requests are decoded on the event loop
 
 
 class SplitInferenceService(pb_grpc.SplitInferenceServicer):
@@ -42,6 +42,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             executor,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=config.max_queue_delay_us,
+            inline=self._inline,
         )
         self.in_flight = 0
         self.served = 0
@@ -53,7 +54,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         try:
             resp = self.runtime.model_info(request.model)
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            await _abort(context, e)
         c = self.config
         resp.limits.CopyFrom(
             pb.ServerLimits(
@@ -73,13 +74,16 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self, request: pb.InferRequest, context: grpc.aio.ServicerContext
     ) -> pb.InferResponse:
         if request.chunked_payload_bytes:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "chunked payloads are for InferStream only"
+            await _abort(
+                context,
+                RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "chunked payloads are for InferStream only"
+                ),
             )
         try:
             return await self._handle(request, None)
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            await _abort(context, e)
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
@@ -121,17 +125,22 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 kind = msg.WhichOneof("kind")
                 if kind == "request":
                     if header is not None:
-                        raise CodecError(f"request {msg.request.id} began before request "
-                                         f"{header.id}'s chunks were complete")
+                        raise CodecError(
+                            f"request {msg.request.id} began before request "
+                            f"{header.id}'s chunks were complete"
+                        )
                     req = msg.request
                     if req.chunked_payload_bytes:
                         header = req
                         assembler = Reassembler(
-                            req.chunked_payload_bytes, len(req.frontier),
+                            req.chunked_payload_bytes,
+                            len(req.frontier),
                             self.config.max_decoded_bytes,
                         )
                         if assembler.done:
-                            await order.put(loop.create_task(self._answer(req, assembler.payloads())))
+                            await order.put(
+                                loop.create_task(self._answer(req, assembler.payloads()))
+                            )
                             header = assembler = None
                         continue
                     await order.put(loop.create_task(self._answer(req, None)))
@@ -140,7 +149,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                         raise CodecError(f"chunk for request {msg.chunk.id} that was not announced")
                     assembler.add(msg.chunk.data)
                     if assembler.done:
-                        await order.put(loop.create_task(self._answer(header, assembler.payloads())))
+                        await order.put(
+                            loop.create_task(self._answer(header, assembler.payloads()))
+                        )
                         header = assembler = None
                 else:
                     raise CodecError("empty stream message")
@@ -151,12 +162,16 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         finally:
             await order.put(None)
 
-    async def _answer(self, request: pb.InferRequest, payloads: Sequence[bytearray] | None) -> pb.InferResponse:
+    async def _answer(
+        self, request: pb.InferRequest, payloads: Sequence[bytearray] | None
+    ) -> pb.InferResponse:
         """Like ``_handle`` but errors travel in-band (streams keep going)."""
         try:
             return await self._handle(request, payloads)
         except RequestError as e:
-            return pb.InferResponse(id=request.id, error=pb.Error(code=e.code.value[0], message=e.message))
+            return pb.InferResponse(
+                id=request.id, error=pb.Error(code=e.code.value[0], message=e.message)
+            )
 
     async def _handle(
         self, request: pb.InferRequest, payloads: Sequence[bytearray] | None
@@ -170,32 +185,39 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self.in_flight += 1
         try:
             served, cut = self.runtime.lookup(request)
-            sizes = [len(p) for p in payloads] if payloads is not None else [
-                len(t.payload) for t in request.frontier
-            ]
+            sizes = (
+                [len(p) for p in payloads]
+                if payloads is not None
+                else [len(t.payload) for t in request.frontier]
+            )
             batch = self.runtime.check_frontier(
-                request, cut, sizes, max_batch_size=self.config.max_batch_size,
+                request,
+                cut,
+                sizes,
+                max_batch_size=self.config.max_batch_size,
                 max_decoded_bytes=self.config.max_decoded_bytes,
             )
-            loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            frontier = await loop.run_in_executor(
-                self.executor, self.runtime.decode_frontier, request, payloads
-            )
+            if sum(sizes) <= INLINE_DECODE_BYTES:  # microseconds: a thread hop costs more
+                frontier = self.runtime.decode_frontier(request, payloads)
+            else:
+                frontier = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.runtime.decode_frontier, request, payloads
+                )
             decoded = time.perf_counter()
             try:
-                result = await self.batcher.submit((served.name, cut.name), frontier, batch)
+                result = await self.batcher.submit(
+                    (served.name, cut.name), (frontier, request.output_codec), batch
+                )
             except Exception:
-                logger.exception("tail of %s@%s failed on request %d", served.name, cut.name,
-                                 request.id)
+                logger.exception(
+                    "tail of %s@%s failed on request %d", served.name, cut.name, request.id
+                )
                 raise RequestError(
                     grpc.StatusCode.INTERNAL,
                     f"the tail failed on request {request.id}; the server log has the details",
                 ) from None
-            t1 = time.perf_counter()
-            outputs = await loop.run_in_executor(
-                self.executor, self.runtime.encode_outputs, result.value, request.output_codec
-            )
+            outputs, encode_s = result.value
             done = time.perf_counter()
             self.served += 1
             resp = pb.InferResponse(id=request.id, outputs=outputs)
@@ -204,20 +226,31 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     queue_ms=result.queue_s * 1e3,
                     decode_ms=(decoded - t0) * 1e3,
                     compute_ms=result.compute_s * 1e3,
-                    encode_ms=(done - t1) * 1e3,
+                    encode_ms=encode_s * 1e3,
                     batch_size=result.batch_size,
                     total_ms=(done - received) * 1e3,
                 )
             )
-            logger.debug("request %d %s@%s batch=%d %.2fms", request.id, served.name, cut.name,
-                         result.batch_size, (done - received) * 1e3)
+            logger.debug(
+                "request %d %s@%s batch=%d %.2fms",
+                request.id,
+                served.name,
+                cut.name,
+                result.batch_size,
+                (done - received) * 1e3,
+            )
             return resp
         finally:
             self.in_flight -= 1
 
-    def _run_batch(self, key: Hashable, items: Sequence[Any]) -> list[list[torch.Tensor]]:
-        model, cut = key  # type: ignore[misc]
-        return self.runtime.run_batch(self.runtime.models[model], cut, items)
+    def _inline(self, key: Hashable) -> bool:
+        model, cut = cast(tuple[str, str], key)
+        tail_ms = self.runtime.models[model].tail_ms.get(cut)
+        return tail_ms is not None and tail_ms * 1e3 < self.config.inline_tail_us
+
+    def _run_batch(self, key: Hashable, items: Sequence[Any]) -> list[Any]:
+        model, cut = cast(tuple[str, str], key)
+        return self.runtime.run_and_encode(self.runtime.models[model], cut, items)
 
     def _response_messages(self, resp: pb.InferResponse) -> list[pb.StreamResponse]:
         payloads = strip_payloads(resp.outputs, self.config.chunk_bytes)
@@ -230,3 +263,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             for c in iter_chunks(payloads, self.config.chunk_bytes)
         ]
         return msgs
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: RequestError) -> NoReturn:
+    """End the RPC with the error's status code and message."""
+    await context.abort(error.code, error.message)
+    raise AssertionError("context.abort returned")  # pragma: no cover

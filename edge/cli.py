@@ -1,8 +1,8 @@
-"""``splitnet-edge run``: run a split model against a splitnet server and report.
+r"""``splitnet-edge run``: run a split model against a splitnet server and report.
 
-    splitnet-edge run --server 127.0.0.1:50051 --model digits-cnn --weights w.safetensors \\
+splitnet-edge run --server 127.0.0.1:50051 --model digits-cnn --weights w.safetensors \\
         --cut pool1 --codec int8+zstd:1
-    splitnet-edge run --server ... --model digits-cnn --weights w.safetensors digit.png x.npy
+splitnet-edge run --server ... --model digits-cnn --weights w.safetensors digit.png x.npy
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--codec", default="raw", help="frontier codec, e.g. int8+zstd:1")
     r.add_argument("--limit", type=int, default=None, help="use only the first N test images")
     r.add_argument("--deadline", type=float, default=10.0, help="seconds per request")
-    r.add_argument("--fallback", choices=["error", "local"], default="error",
-                   help="when the cloud is unreachable: fail, or run the whole model here")
+    r.add_argument(
+        "--fallback",
+        choices=["error", "local"],
+        default="error",
+        help="when the cloud is unreachable: fail, or run the whole model here",
+    )
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     r.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -102,8 +106,13 @@ def _percentiles(results: Sequence[InferResult]) -> dict[str, dict[str, float]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     with EdgeClient(
-        args.server, args.model, weights=args.weights, cut=args.cut, codec=args.codec,
-        deadline_s=args.deadline, fallback=args.fallback,
+        args.server,
+        args.model,
+        weights=args.weights,
+        cut=args.cut,
+        codec=args.codec,
+        deadline_s=args.deadline,
+        fallback=args.fallback,
     ) as client:
         labels: torch.Tensor | None = None
         if args.inputs:
@@ -124,10 +133,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - t0
     preds = [r.output.argmax(dim=1) for r in results]
     summary: dict[str, Any] = {
-        "server": args.server, "model": args.model, "cut": client.cut, "codec": client.codec,
+        "server": args.server,
+        "model": args.model,
+        "cut": client.cut,
+        "codec": client.codec,
         "requests": len(results),
         "fallbacks": sum(r.fallback for r in results),
-        "agreement": float(np.mean([bool(torch.equal(p, q)) for p, q in zip(preds, local, strict=True)])),
+        "agreement": float(
+            np.mean([bool(torch.equal(p, q)) for p, q in zip(preds, local, strict=True)])
+        ),
         "throughput_per_s": len(results) / elapsed if elapsed > 0 else 0.0,
         "bytes_sent_mean": statistics.fmean(r.timing.bytes_sent for r in results) if results else 0,
         "batch_size_mean": statistics.fmean(r.timing.batch_size for r in results) if results else 0,
@@ -142,15 +156,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{summary['model']} cut {summary['cut']} codec {summary['codec']} via {args.server}: "
-          f"{summary['requests']} requests, {summary['throughput_per_s']:.1f}/s, "
-          f"{summary['bytes_sent_mean']:.0f} B sent per request, "
-          f"mean server batch {summary['batch_size_mean']:.2f}")
+    print(
+        f"{summary['model']} cut {summary['cut']} codec {summary['codec']} via {args.server}: "
+        f"{summary['requests']} requests, {summary['throughput_per_s']:.1f}/s, "
+        f"{summary['bytes_sent_mean']:.0f} B sent per request, "
+        f"mean server batch {summary['batch_size_mean']:.2f}"
+    )
     if "accuracy" in summary:
-        print(f"accuracy {summary['accuracy']:.2%} (local model {summary['local_accuracy']:.2%}), "
-              f"agreement with local {summary['agreement']:.2%}")
+        print(
+            f"accuracy {summary['accuracy']:.2%} (local model {summary['local_accuracy']:.2%}), "
+            f"agreement with local {summary['agreement']:.2%}"
+        )
     else:
-        print(f"predictions {summary['predictions']}; agreement with local {summary['agreement']:.2%}")
+        print(
+            f"predictions {summary['predictions']}; agreement with local {summary['agreement']:.2%}"
+        )
     if summary["fallbacks"]:
         print(f"{summary['fallbacks']} requests ran locally (cloud unreachable)")
     print("latency (ms)      p50      p90")
@@ -162,8 +182,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return cmd_run(args)
     except SplitNetError as e:

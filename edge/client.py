@@ -163,8 +163,11 @@ class EdgeClient:
 
     def refresh_info(self) -> pb.ModelInfo:
         """Ask the server about our model; check the fingerprint and the cut."""
-        resp = self._call(lambda timeout, ready: self._stub_().GetModelInfo(
-            pb.ModelInfoRequest(model=self.model_name), timeout=timeout, wait_for_ready=ready))
+        resp = self._call(
+            lambda timeout, ready: self._stub_().GetModelInfo(
+                pb.ModelInfoRequest(model=self.model_name), timeout=timeout, wait_for_ready=ready
+            )
+        )
         info = resp.models[0]
         if info.fingerprint != self.fingerprint:
             raise ModelMismatchError(
@@ -203,7 +206,8 @@ class EdgeClient:
         try:
             resp = self._call(
                 lambda timeout, ready: self._stub_().Infer(
-                    request, timeout=timeout, wait_for_ready=ready)
+                    request, timeout=timeout, wait_for_ready=ready
+                )
             )
         except RemoteError as e:
             if self.fallback == "local" and e.code in UNREACHABLE:
@@ -227,7 +231,9 @@ class EdgeClient:
             except grpc.RpcError as e:
                 code = e.code()
                 left = deadline - time.monotonic()
-                unreachable = code in RETRYABLE or (waiting and code == grpc.StatusCode.DEADLINE_EXCEEDED)
+                unreachable = code in RETRYABLE or (
+                    waiting and code == grpc.StatusCode.DEADLINE_EXCEEDED
+                )
                 if unreachable and attempt < self.retries and left > 0:
                     pause = min(self.backoff_s * 2**attempt, 2.0) * (0.5 + random.random())
                     logger.info("%s; retry %d in %.0f ms", code.name, attempt + 1, pause * 1e3)
@@ -303,8 +309,9 @@ class EdgeClient:
                 if msg.WhichOneof("kind") == "response":
                     pending = msg.response
                     if pending.chunked_payload_bytes:
-                        assembler = Reassembler(pending.chunked_payload_bytes, len(pending.outputs),
-                                                1 << 31)
+                        assembler = Reassembler(
+                            pending.chunked_payload_bytes, len(pending.outputs), 1 << 31
+                        )
                         if not assembler.done:
                             continue
                 elif assembler is not None and pending is not None:
@@ -324,7 +331,9 @@ class EdgeClient:
                 slots.release()
                 yield result
             if answered < len(xs):
-                raise RemoteError("UNAVAILABLE", f"stream ended after {answered} of {len(xs)} answers")
+                raise RemoteError(
+                    "UNAVAILABLE", f"stream ended after {answered} of {len(xs)} answers"
+                )
         except grpc.RpcError as e:
             raise RemoteError(e.code().name, e.details() or e.code().name) from None
         finally:
@@ -339,7 +348,10 @@ class EdgeClient:
             frontier = self.head(x)
         t1 = time.perf_counter()
         request = pb.InferRequest(
-            id=rid, model=self.model_name, cut=self.cut, fingerprint=self.fingerprint,
+            id=rid,
+            model=self.model_name,
+            cut=self.cut,
+            fingerprint=self.fingerprint,
             output_codec=self.output_codec,
         )
         request.frontier.extend(encode(t, self.codec) for t in frontier)
@@ -389,5 +401,5 @@ class EdgeClient:
 def _code_tuple(number: int) -> tuple[int, str]:
     for code in grpc.StatusCode:
         if code.value[0] == number:
-            return code.value  # type: ignore[no-any-return]
-    return grpc.StatusCode.UNKNOWN.value  # type: ignore[no-any-return]
+            return code.value
+    return grpc.StatusCode.UNKNOWN.value

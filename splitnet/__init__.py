@@ -3,8 +3,6 @@
 __version__ = "0.1.0"
 
 from splitnet.codecs import CodecSpec, DecodeLimits, decode, encode, parse_codec
-from splitnet.models import fingerprint, load_model
-from splitnet.partition import Cut, FrontierTensor, SplitGraph, trace
 from splitnet.errors import (
     CodecError,
     ModelError,
@@ -13,6 +11,8 @@ from splitnet.errors import (
     RemoteError,
     SplitNetError,
 )
+from splitnet.models import fingerprint, load_model
+from splitnet.partition import Cut, FrontierTensor, SplitGraph, trace
 
 __all__ = [
     "CodecError",

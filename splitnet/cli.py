@@ -1,8 +1,8 @@
 """The ``splitnet`` command: train, eval and cuts.
 
-    splitnet train digits-cnn --out digits.safetensors
-    splitnet eval digits-cnn --weights digits.safetensors [--codecs raw,int8+zstd:1]
-    splitnet cuts torchvision:resnet18 [--codecs ...] [--json]
+splitnet train digits-cnn --out digits.safetensors
+splitnet eval digits-cnn --weights digits.safetensors [--codecs raw,int8+zstd:1]
+splitnet cuts torchvision:resnet18 [--codecs ...] [--json]
 """
 
 from __future__ import annotations
@@ -64,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="test accuracy, whole or per cut and codec")
     e.add_argument("model")
     e.add_argument("--weights", required=True, help="a .safetensors file from `splitnet train`")
-    e.add_argument("--codecs", type=parse_codecs, default=None,
-                   help=f"report every cut with these codecs (e.g. {DEFAULT_CODECS})")
+    e.add_argument(
+        "--codecs",
+        type=parse_codecs,
+        default=None,
+        help=f"report every cut with these codecs (e.g. {DEFAULT_CODECS})",
+    )
     e.add_argument("--cuts", default=None, help="comma-separated cut names (default: all)")
     e.add_argument("--seed", type=int, default=0, help="data split seed")
     e.add_argument("--input-shape", type=parse_shape, default=None)
@@ -74,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cuts", help="list every cut: frontier, bytes per codec, parameters")
     c.add_argument("model", help="digits-cnn, torchvision:NAME or package.module:callable")
     c.add_argument("--weights", default=None)
-    c.add_argument("--input-shape", type=parse_shape, default=None,
-                   help="example input shape, e.g. 1,3,224,224 (default: the model's)")
+    c.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        default=None,
+        help="example input shape, e.g. 1,3,224,224 (default: the model's)",
+    )
     c.add_argument("--codecs", type=parse_codecs, default=parse_codecs(DEFAULT_CODECS))
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
@@ -94,11 +102,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     model = load_model(args.model, input_shape=spec.input_shape).train()
     with tqdm(total=args.epochs, desc="train", unit="epoch", file=sys.stderr) as bar:
+
         def progress(epoch: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
 
-        result = train_digits(model, TrainConfig(epochs=args.epochs, seed=args.seed), progress=progress)
+        result = train_digits(
+            model, TrainConfig(epochs=args.epochs, seed=args.seed), progress=progress
+        )
     save_weights(model, args.out)
     print(f"test accuracy {result['test']:.2%} (validation {result['val']:.2%})")
     print(f"saved {args.out} (fingerprint {fingerprint(model)[:16]})")
@@ -125,13 +136,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     base = rows[0]["model_accuracy"] if rows else 0.0
-    print(f"{args.model}: unsplit test accuracy {base:.2%} on {len(test)} images; each image "
-          "encoded on its own. Cells: top-1 % (agreement with the unsplit model %, "
-          "compression vs float32)")
+    print(
+        f"{args.model}: unsplit test accuracy {base:.2%} on {len(test)} images; each image "
+        "encoded on its own. Cells: top-1 % (agreement with the unsplit model %, "
+        "compression vs float32)"
+    )
     by = {(r["cut"], r["codec"]): r for r in rows}
     names = list(dict.fromkeys(r["cut"] for r in rows))
     table = [
-        [cut] + [
+        [cut]
+        + [
             f"{100 * by[(cut, c)]['accuracy']:.2f} ({100 * by[(cut, c)]['agreement']:.1f}, "
             f"{by[(cut, c)]['ratio']:.1f}x)"
             for c in args.codecs
@@ -140,8 +154,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]
     print(format_table(table, ["cut", *args.codecs]))
     worst = {c: min(by[(cut, c)]["accuracy"] for cut in names) for c in args.codecs}
-    print("largest drop in top-1 vs unsplit (points): "
-          + ", ".join(f"{c} {100 * (base - w):.2f}" for c, w in worst.items()))
+    print(
+        "largest drop in top-1 vs unsplit (points): "
+        + ", ".join(f"{c} {100 * (base - w):.2f}" for c, w in worst.items())
+    )
     return 0
 
 
@@ -161,13 +177,29 @@ def cmd_cuts(args: argparse.Namespace) -> int:
         }
         print(json.dumps(doc, indent=2))
         return 0
-    print(f"{args.model}: {len(rows)} cuts, input {list(spec.input_shape)}, "
-          f"traced with {graph.method}; bytes are whole wire messages for one real input")
-    header = ["cut", "n", "shapes", "float32 B", *[f"{c} B" for c in args.codecs],
-              "head params", "tail params"]
+    print(
+        f"{args.model}: {len(rows)} cuts, input {list(spec.input_shape)}, "
+        f"traced with {graph.method}; bytes are whole wire messages for one real input"
+    )
+    header = [
+        "cut",
+        "n",
+        "shapes",
+        "float32 B",
+        *[f"{c} B" for c in args.codecs],
+        "head params",
+        "tail params",
+    ]
     table = [
-        [r["cut"], r["tensors"], _shapes(r["shapes"]), r["float32_bytes"],
-         *[r["bytes"][c] for c in args.codecs], r["head_params"], r["tail_params"]]
+        [
+            r["cut"],
+            r["tensors"],
+            _shapes(r["shapes"]),
+            r["float32_bytes"],
+            *[r["bytes"][c] for c in args.codecs],
+            r["head_params"],
+            r["tail_params"],
+        ]
         for r in rows
     ]
     print(format_table(table, header))

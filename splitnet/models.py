@@ -99,7 +99,9 @@ def resolve(name: str, input_shape: tuple[int, ...] | None = None) -> ModelSpec:
         return ModelSpec(name=name, input_shape=input_shape or (1, 1, 8, 8), kind="builtin")
     if name.startswith("torchvision:"):
         size = 299 if name.endswith("inception_v3") else 224
-        return ModelSpec(name=name, input_shape=input_shape or (1, 3, size, size), kind="torchvision")
+        return ModelSpec(
+            name=name, input_shape=input_shape or (1, 3, size, size), kind="torchvision"
+        )
     if _CALLABLE_RE.match(name):
         if input_shape is None:
             raise ModelError(f"model {name!r} is your own: give its input shape (--input-shape)")
@@ -119,9 +121,7 @@ def build(spec: ModelSpec, seed: int = 0) -> nn.Module:
         try:
             import torchvision
         except ImportError as e:
-            raise ModelError(
-                "torchvision is not installed: pip install 'splitnet[vision]'"
-            ) from e
+            raise ModelError("torchvision is not installed: pip install 'splitnet[vision]'") from e
         arch = spec.name.split(":", 1)[1]
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise ModelError(
@@ -160,7 +160,8 @@ def load_model(
         got = fingerprint(model)
         if got != expect_fingerprint:
             raise ModelMismatchError(
-                f"model {name!r} has fingerprint {got[:16]}..., expected {expect_fingerprint[:16]}..."
+                f"model {name!r} has fingerprint {got[:16]}..., "
+                f"expected {expect_fingerprint[:16]}..."
             )
     return model
 
@@ -169,7 +170,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a safetensors file (or a weights-only torch file) into ``model``, strictly."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist or is not a file (train one: splitnet train)")
+        raise ModelError(
+            f"weights file {str(path)!r} does not exist or is not a file "
+            "(train one: splitnet train)"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -199,7 +203,7 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def fingerprint(model: nn.Module | dict[str, torch.Tensor]) -> str:
-    """sha256 over the state dict: for each entry in sorted key order, the UTF-8 line
+    r"""sha256 over the state dict: for each entry in sorted key order, the UTF-8 line
     ``name\\tdtype\\tshape\\tnbytes\\n`` followed by the tensor's little-endian bytes.
     """
     state = model.state_dict() if isinstance(model, nn.Module) else model

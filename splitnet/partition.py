@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,7 +154,9 @@ class SplitGraph:
             uses = [self._pos.get(u, end) for u in n.users]
             last_use[n] = max(uses, default=-1)
         names = self._node_names()
-        param_sizes = {k: p.numel() for k, p in self.module.named_parameters(remove_duplicate=False)}
+        param_sizes = {
+            k: p.numel() for k, p in self.module.named_parameters(remove_duplicate=False)
+        }
         uses_params = {n: self._params_of(n, param_sizes) for n in self._nodes}
 
         n_inputs = sum(1 for n in self._nodes if n.op == "placeholder")
@@ -165,9 +167,7 @@ class SplitGraph:
             node = self._nodes[i]
             if node.op == "get_attr" or (i >= n_inputs and i == end - 1):
                 continue  # parameters never cross; the last node is the "output" cut
-            live = tuple(
-                n for n in self._nodes[: i + 1] if n.op != "get_attr" and last_use[n] > i
-            )
+            live = tuple(n for n in self._nodes[: i + 1] if n.op != "get_attr" and last_use[n] > i)
             if live == previous or not live or not all(self._meta[n].is_tensor for n in live):
                 continue
             previous = live
@@ -265,7 +265,9 @@ class SplitGraph:
             tenv[n] = tail_graph.placeholder(n.name)
             tenv[n].meta = dict(n.meta)
         for n in head_nodes:  # parameters the tail reads are re-read, never sent
-            if n.op == "get_attr" and any(self._pos.get(u, len(self._nodes)) > boundary for u in n.users):
+            if n.op == "get_attr" and any(
+                self._pos.get(u, len(self._nodes)) > boundary for u in n.users
+            ):
                 tenv[n] = tail_graph.node_copy(n, tenv.__getitem__)
         for n in tail_nodes:
             if n.op == "placeholder":
@@ -294,7 +296,8 @@ def _describe(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     text = f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
     frames = [
-        f for f in traceback.extract_tb(err.__traceback__)
+        f
+        for f in traceback.extract_tb(err.__traceback__)
         if "/torch/" not in f.filename and "splitnet/partition" not in f.filename
     ]
     if frames:
@@ -313,7 +316,9 @@ def trace(
 
     ``check`` runs the traced graph and the model once and requires equal outputs.
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = (
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    )
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise PartitionError("example_inputs must be a tensor or a tuple of tensors")
     model = model.eval()
@@ -336,8 +341,11 @@ def _trace_locked(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[f
     try:
         return fx.symbolic_trace(model), "fx"
     except Exception as fx_err:  # fx raises many types; we report, then try export
-        logger.info("torch.fx could not trace %s (%s); trying torch.export",
-                    type(model).__name__, _describe(fx_err))
+        logger.info(
+            "torch.fx could not trace %s (%s); trying torch.export",
+            type(model).__name__,
+            _describe(fx_err),
+        )
         try:
             return _export(model, inputs), "export"
         except Exception as ex_err:
@@ -361,8 +369,7 @@ def _check_equal(model: nn.Module, gm: fx.GraphModule, inputs: tuple[torch.Tenso
         got = gm(*inputs)
     flat_want, flat_got = _flatten(want), _flatten(got)
     same = len(flat_want) == len(flat_got) and all(
-        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-        or a == b
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b) or a == b
         for a, b in zip(flat_want, flat_got, strict=False)
     )
     if not same:

@@ -114,7 +114,8 @@ def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     lines = []
     for j, row in enumerate(cells):
         parts = [
-            v.rjust(w) if j and _numeric(v) else v.ljust(w) for v, w in zip(row, widths, strict=True)
+            v.rjust(w) if j and _numeric(v) else v.ljust(w)
+            for v, w in zip(row, widths, strict=True)
         ]
         lines.append("  ".join(parts).rstrip())
         if j == 0:
@@ -131,4 +132,6 @@ def _fmt(v: Any) -> str:
 
 
 def _numeric(s: str) -> bool:
-    return s.replace(",", "").replace(".", "").replace("%", "").replace("x", "").lstrip("-").isdigit()
+    return (
+        s.replace(",", "").replace(".", "").replace("%", "").replace("x", "").lstrip("-").isdigit()
+    )

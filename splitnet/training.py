@@ -79,7 +79,9 @@ def train_digits(
 
 
 @torch.no_grad()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def predict(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 256
+) -> torch.Tensor:
     """Class predictions of ``fn`` over ``x``, in batches."""
     return torch.cat([fn(x[i : i + batch]).argmax(dim=1) for i in range(0, len(x), batch)])
 

@@ -66,7 +66,10 @@ class Reassembler:
         self._skip_full()
 
     def _skip_full(self) -> None:
-        while self._index < len(self.sizes) and len(self.buffers[self._index]) == self.sizes[self._index]:
+        while (
+            self._index < len(self.sizes)
+            and len(self.buffers[self._index]) == self.sizes[self._index]
+        ):
             self._index += 1
 
     @property

@@ -23,62 +23,9 @@ def digits_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-class ServerThread:
-    """A real splitnet-cloud server (grpc.aio) on 127.0.0.1:0, in a thread of its own."""
-
-    def __init__(self, config: "ServerConfig", runtime: "TailRuntime | None" = None) -> None:
-        import asyncio
-        import threading
-
-        self.config = config
-        self.loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self.error: BaseException | None = None
-        self.server: CloudServer | None = None
-        self.thread = threading.Thread(target=self._main, args=(runtime,), daemon=True)
-        self.thread.start()
-        if not self._started.wait(120):
-            raise RuntimeError("server did not start in 120 s")
-        if self.error is not None:
-            raise self.error
-
-    def _main(self, runtime: "TailRuntime | None") -> None:
-        import asyncio
-
-        asyncio.set_event_loop(self.loop)
-
-        async def run() -> None:
-            try:
-                self.server = await CloudServer.start(self.config, runtime)
-            except BaseException as e:  # reported to the test thread
-                self.error = e
-                self._started.set()
-                return
-            self._started.set()
-            await self.server.wait_stopped()
-
-        self.loop.run_until_complete(run())
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return self.server.port
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self, grace: float = 0.5) -> None:
-        import asyncio
-
-        if self.server is not None and self.thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(30)
-        self.thread.join(30)
-
-
 from cloud.config import ModelEntry, ServerConfig  # noqa: E402
 from cloud.runtime import TailRuntime  # noqa: E402
-from cloud.server import CloudServer  # noqa: E402
+from cloud.server import BackgroundServer as ServerThread  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -40,11 +40,23 @@ def test_cuts_torchvision_with_shape() -> None:
 def test_eval_whole_and_per_cut(digits_weights: Path) -> None:
     out = run("eval", "digits-cnn", "--weights", str(digits_weights))
     assert out.returncode == 0 and "test accuracy" in out.stdout
-    out = run("eval", "digits-cnn", "--weights", str(digits_weights), "--codecs", "raw,int8",
-              "--cuts", "stem.2,pool1", "--json")
+    out = run(
+        "eval",
+        "digits-cnn",
+        "--weights",
+        str(digits_weights),
+        "--codecs",
+        "raw,int8",
+        "--cuts",
+        "stem.2,pool1",
+        "--json",
+    )
     rows = json.loads(out.stdout)
     assert {(r["cut"], r["codec"]) for r in rows} == {
-        ("stem.2", "raw"), ("stem.2", "int8"), ("pool1", "raw"), ("pool1", "int8")
+        ("stem.2", "raw"),
+        ("stem.2", "int8"),
+        ("pool1", "raw"),
+        ("pool1", "int8"),
     }
 
 
@@ -73,7 +85,8 @@ def test_errors_are_clear_and_have_no_traceback(args: list[str], needle: str) ->
 
 
 def test_unknown_cut_lists_names(digits_weights: Path) -> None:
-    out = run("eval", "digits-cnn", "--weights", str(digits_weights), "--codecs", "raw",
-              "--cuts", "nope")
+    out = run(
+        "eval", "digits-cnn", "--weights", str(digits_weights), "--codecs", "raw", "--cuts", "nope"
+    )
     assert out.returncode == 2 and "valid cuts: input, stem.0" in out.stderr
     assert "Traceback" not in out.stderr

@@ -15,7 +15,7 @@ from conftest import ROOT, ServerThread
 from splitnet.data import load_digits
 from splitnet.models import load_model
 
-CLIENT = r'''
+CLIENT = r"""
 import json, sys
 import grpc
 import numpy as np
@@ -41,14 +41,25 @@ assert out.dtype == tensor_pb2.DTYPE_FLOAT32 and not out.steps
 y = np.frombuffer(out.payload, dtype="<f4").reshape(tuple(out.shape))
 print(json.dumps({"model": model.name, "cuts": [c.name for c in model.cuts], "id": resp.id,
                   "y": y.tolist(), "batch": resp.timing.batch_size}))
-'''
+"""
 
 
-def test_client_from_proto_alone(digits_server: ServerThread, digits_weights: Path, tmp_path: Path) -> None:
+def test_client_from_proto_alone(
+    digits_server: ServerThread, digits_weights: Path, tmp_path: Path
+) -> None:
     protos = [str(p.relative_to(ROOT)) for p in (ROOT / "proto").rglob("*.proto")]
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Iproto", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", *protos], cwd=ROOT, check=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iproto",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            *protos,
+        ],
+        cwd=ROOT,
+        check=True,
     )
     # Make the generated folders regular packages so they shadow the installed splitnet.
     (tmp_path / "splitnet" / "__init__.py").write_text("")
@@ -61,7 +72,11 @@ def test_client_from_proto_alone(digits_server: ServerThread, digits_weights: Pa
     path = os.pathsep.join([str(tmp_path), site["purelib"], site["platlib"]])
     out = subprocess.run(
         [sys.executable, "-S", "client.py", digits_server.address, str(tmp_path)],
-        input=json.dumps(x.tolist()), capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        input=json.dumps(x.tolist()),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
         env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr

@@ -43,9 +43,9 @@ def _check_model(model: nn.Module, inputs: tuple[torch.Tensor, ...], lossy: bool
             frontier = head(*inputs)
             assert isinstance(frontier, tuple)
             assert [tuple(t.shape) for t in frontier] == [f.shape for f in cut.frontier]
-            assert cut.nbytes == sum(t.numel() * 4 for t in frontier if t.is_floating_point()) + sum(
-                t.numel() * t.element_size() for t in frontier if not t.is_floating_point()
-            )
+            assert cut.nbytes == sum(
+                t.numel() * 4 for t in frontier if t.is_floating_point()
+            ) + sum(t.numel() * t.element_size() for t in frontier if not t.is_floating_point())
             for codec in LOSSLESS:
                 sent = [splitnet.decode(splitnet.encode(t, codec)) for t in frontier]
                 got = _flat(tail(*sent))
@@ -69,7 +69,10 @@ def _param_owners(model: nn.Module, graph: splitnet.SplitGraph, cut: str) -> Non
     for side, half in (("head", head), ("tail", tail)):
         for node in half.graph.nodes:
             if node.op == "call_module":
-                used[side] |= {f"{node.target}.{k}" for k, _ in gm.get_submodule(node.target).named_parameters()}
+                used[side] |= {
+                    f"{node.target}.{k}"
+                    for k, _ in gm.get_submodule(node.target).named_parameters()
+                }
             elif node.op == "get_attr":
                 used[side].add(str(node.target))
     assert {k for k, _ in head.named_parameters()} <= used["head"]

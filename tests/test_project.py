@@ -15,9 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_generated_code_matches_proto(tmp_path: Path) -> None:
     protos = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proto").rglob("*.proto"))
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Iproto", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", *protos],
-        cwd=ROOT, check=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iproto",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            *protos,
+        ],
+        cwd=ROOT,
+        check=True,
     )
     generated = sorted(tmp_path.rglob("*_pb2*.py*"))
     assert generated
@@ -29,11 +38,27 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
 
 
 def test_public_api_is_pinned() -> None:
-    assert sorted(splitnet.__all__) == sorted([
-        "CodecError", "CodecSpec", "Cut", "DecodeLimits", "FrontierTensor", "ModelError",
-        "ModelMismatchError", "PartitionError", "RemoteError", "SplitGraph", "SplitNetError",
-        "decode", "encode", "fingerprint", "load_model", "parse_codec", "trace",
-    ])
+    assert sorted(splitnet.__all__) == sorted(
+        [
+            "CodecError",
+            "CodecSpec",
+            "Cut",
+            "DecodeLimits",
+            "FrontierTensor",
+            "ModelError",
+            "ModelMismatchError",
+            "PartitionError",
+            "RemoteError",
+            "SplitGraph",
+            "SplitNetError",
+            "decode",
+            "encode",
+            "fingerprint",
+            "load_model",
+            "parse_codec",
+            "trace",
+        ]
+    )
     for name in splitnet.__all__:
         assert hasattr(splitnet, name)
     assert (ROOT / "splitnet" / "py.typed").exists()

@@ -47,7 +47,9 @@ def _stub(address: str) -> pb_grpc.SplitInferenceStub:
     return pb_grpc.SplitInferenceStub(grpc.insecure_channel(address))
 
 
-def test_every_digits_cut_is_exact(digits_server: ServerThread, digits_weights: Path, local, test_split) -> None:
+def test_every_digits_cut_is_exact(
+    digits_server: ServerThread, digits_weights: Path, local, test_split
+) -> None:
     x = test_split[0][:3]
     want = local(x)
     with EdgeClient(digits_server.address, "digits-cnn", weights=digits_weights) as client:
@@ -97,7 +99,9 @@ def test_model_info(digits_server: ServerThread, digits_runtime: TailRuntime) ->
     assert list(model.outputs[0].shape) == [1, 10]
 
 
-def test_sixteen_clients_fifty_requests(digits_server: ServerThread, digits_weights: Path, local, test_split) -> None:
+def test_sixteen_clients_fifty_requests(
+    digits_server: ServerThread, digits_weights: Path, local, test_split
+) -> None:
     xs = test_split[0]
     with torch.no_grad():
         want = local(xs)
@@ -107,8 +111,13 @@ def test_sixteen_clients_fifty_requests(digits_server: ServerThread, digits_weig
 
     # Clients are built (traced) first: torch.fx patches torch globally while tracing.
     clients = [
-        EdgeClient(digits_server.address, "digits-cnn", weights=digits_weights,
-                   cut=cuts[k % len(cuts)], codec="zstd:1" if k % 2 else "raw")
+        EdgeClient(
+            digits_server.address,
+            "digits-cnn",
+            weights=digits_weights,
+            cut=cuts[k % len(cuts)],
+            codec="zstd:1" if k % 2 else "raw",
+        )
         for k in range(16)
     ]
 
@@ -134,7 +143,9 @@ def test_sixteen_clients_fifty_requests(digits_server: ServerThread, digits_weig
         assert out.argmax() == want[j].argmax()
 
 
-def test_stream_of_200_in_order(digits_server: ServerThread, digits_weights: Path, local, test_split) -> None:
+def test_stream_of_200_in_order(
+    digits_server: ServerThread, digits_weights: Path, local, test_split
+) -> None:
     xs = [test_split[0][i % 360 : i % 360 + 1] for i in range(200)]
     with EdgeClient(digits_server.address, "digits-cnn", weights=digits_weights, cut="pool1") as c:
         results = list(c.infer_many(xs))
@@ -144,14 +155,22 @@ def test_stream_of_200_in_order(digits_server: ServerThread, digits_weights: Pat
         assert r.output.argmax() == local(x).argmax()
 
 
-def test_large_activations_travel_in_chunks(digits_runtime: TailRuntime, digits_weights: Path, local) -> None:
-    config = ServerConfig(models=(ModelEntry(name="digits-cnn"),), port=0, chunk_bytes=4096,
-                          max_batch_size=64)
+def test_large_activations_travel_in_chunks(
+    digits_runtime: TailRuntime, digits_weights: Path, local
+) -> None:
+    config = ServerConfig(
+        models=(ModelEntry(name="digits-cnn"),), port=0, chunk_bytes=4096, max_batch_size=64
+    )
     server = ServerThread(config, digits_runtime)
     try:
         x = load_digits()["test"].x[:48]  # block.conv1 sends 2 x 48 x 32 x 8 x 8 floats: 786 KB
-        with EdgeClient(server.address, "digits-cnn", weights=digits_weights, cut="block.conv1",
-                        chunk_bytes=4096) as c:
+        with EdgeClient(
+            server.address,
+            "digits-cnn",
+            weights=digits_weights,
+            cut="block.conv1",
+            chunk_bytes=4096,
+        ) as c:
             results = list(c.infer_many([x, x[:5], x]))
         for r, batch in zip(results, [x, x[:5], x], strict=True):
             assert torch.equal(r.output, local(batch))
@@ -163,7 +182,9 @@ def _good_request(fp: str, x: torch.Tensor, cut: str = "input") -> pb.InferReque
     return pb.InferRequest(id=1, model="digits-cnn", cut=cut, fingerprint=fp, frontier=[encode(x)])
 
 
-def test_error_codes_and_server_keeps_serving(digits_server: ServerThread, digits_runtime: TailRuntime, test_split) -> None:
+def test_error_codes_and_server_keeps_serving(
+    digits_server: ServerThread, digits_runtime: TailRuntime, test_split
+) -> None:
     stub = _stub(digits_server.address)
     fp = digits_runtime.models["digits-cnn"].fingerprint
     x = test_split[0][:1]
@@ -200,7 +221,9 @@ def test_error_codes_and_server_keeps_serving(digits_server: ServerThread, digit
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_stream_errors_are_in_band(digits_server: ServerThread, digits_runtime: TailRuntime, test_split) -> None:
+def test_stream_errors_are_in_band(
+    digits_server: ServerThread, digits_runtime: TailRuntime, test_split
+) -> None:
     stub = _stub(digits_server.address)
     fp = digits_runtime.models["digits-cnn"].fingerprint
     x = test_split[0][:1]
@@ -213,7 +236,9 @@ def test_stream_errors_are_in_band(digits_server: ServerThread, digits_runtime: 
     assert out[1].response.error.code == grpc.StatusCode.NOT_FOUND.value[0]
     # A chunk nobody announced breaks the protocol: the stream ends INVALID_ARGUMENT.
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.InferStream(iter([pb.StreamRequest(chunk=pb.Chunk(id=9, data=b"x"))]), timeout=10))
+        list(
+            stub.InferStream(iter([pb.StreamRequest(chunk=pb.Chunk(id=9, data=b"x"))]), timeout=10)
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A request declaring huge chunked payloads is refused before anything is allocated.
     big = _good_request(fp, x)
@@ -226,8 +251,9 @@ def test_stream_errors_are_in_band(digits_server: ServerThread, digits_runtime: 
 
 
 def test_resource_exhausted_instead_of_queueing(digits_runtime: TailRuntime, test_split) -> None:
-    config = ServerConfig(models=(ModelEntry(name="digits-cnn"),), port=0, max_in_flight=1,
-                          max_queue_delay_us=400_000)
+    config = ServerConfig(
+        models=(ModelEntry(name="digits-cnn"),), port=0, max_in_flight=1, max_queue_delay_us=400_000
+    )
     server = ServerThread(config, digits_runtime)
     try:
         stub = _stub(server.address)
@@ -242,17 +268,23 @@ def test_resource_exhausted_instead_of_queueing(digits_runtime: TailRuntime, tes
         server.stop()
 
 
-def test_dynamic_batching(digits_runtime: TailRuntime, digits_weights: Path, local, test_split) -> None:
-    config = ServerConfig(models=(ModelEntry(name="digits-cnn"),), port=0, max_batch_size=8,
-                          max_queue_delay_us=20_000)
+def test_dynamic_batching(
+    digits_runtime: TailRuntime, digits_weights: Path, local, test_split
+) -> None:
+    config = ServerConfig(
+        models=(ModelEntry(name="digits-cnn"),), port=0, max_batch_size=8, max_queue_delay_us=20_000
+    )
     server = ServerThread(config, digits_runtime)
     xs = test_split[0]
     sizes: list[int] = []
     outs: dict[int, torch.Tensor] = {}
     barrier = threading.Barrier(8)
-    clients = [EdgeClient(server.address, "digits-cnn", weights=digits_weights, cut="pool1")
-               for _ in range(8)]
+    clients = [
+        EdgeClient(server.address, "digits-cnn", weights=digits_weights, cut="pool1")
+        for _ in range(8)
+    ]
     try:
+
         def worker(k: int) -> None:
             with clients[k] as c:
                 for i in range(10):
@@ -278,14 +310,20 @@ def test_dynamic_batching(digits_runtime: TailRuntime, digits_weights: Path, loc
 
 
 def test_health_and_graceful_stop(digits_runtime: TailRuntime, test_split) -> None:
-    config = ServerConfig(models=(ModelEntry(name="digits-cnn"),), port=0, max_queue_delay_us=300_000)
+    config = ServerConfig(
+        models=(ModelEntry(name="digits-cnn"),), port=0, max_queue_delay_us=300_000
+    )
     server = ServerThread(config, digits_runtime)
     channel = grpc.insecure_channel(server.address)
     health = health_pb2_grpc.HealthStub(channel)
-    check = health.Check(health_pb2.HealthCheckRequest(service="splitnet.v1.SplitInference"), timeout=5)
+    check = health.Check(
+        health_pb2.HealthCheckRequest(service="splitnet.v1.SplitInference"), timeout=5
+    )
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     fp = digits_runtime.models["digits-cnn"].fingerprint
-    in_flight = pb_grpc.SplitInferenceStub(channel).Infer.future(_good_request(fp, test_split[0][:1]), timeout=10)
+    in_flight = pb_grpc.SplitInferenceStub(channel).Infer.future(
+        _good_request(fp, test_split[0][:1]), timeout=10
+    )
     time.sleep(0.1)
     server.stop(grace=5)
     assert in_flight.result().outputs  # finished although the server was stopping
@@ -309,9 +347,20 @@ class ServerProcess:
 
     def __init__(self, weights: Path, port: int = 0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cloud.cli", "--model", f"digits-cnn={weights}",
-             "--port", str(port), "--profile-runs", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "cloud.cli",
+                "--model",
+                f"digits-cnn={weights}",
+                "--port",
+                str(port),
+                "--profile-runs",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         deadline = time.monotonic() + 60
         assert self.proc.stdout is not None
@@ -341,10 +390,20 @@ def server_process(digits_weights: Path) -> Iterator[ServerProcess]:
     server.kill()
 
 
-def test_killed_mid_stream_raises_or_falls_back(server_process: ServerProcess, digits_weights: Path, local, test_split) -> None:
+def test_killed_mid_stream_raises_or_falls_back(
+    server_process: ServerProcess, digits_weights: Path, local, test_split
+) -> None:
     xs = [test_split[0][i : i + 1] for i in range(300)]
-    with EdgeClient(server_process.address, "digits-cnn", weights=digits_weights, cut="pool1",
-                    fallback="local", deadline_s=5, retries=1, reconnect_wait_s=0.2) as c:
+    with EdgeClient(
+        server_process.address,
+        "digits-cnn",
+        weights=digits_weights,
+        cut="pool1",
+        fallback="local",
+        deadline_s=5,
+        retries=1,
+        reconnect_wait_s=0.2,
+    ) as c:
         results = []
         started = time.monotonic()
         for r in c.infer_many(xs):
@@ -360,12 +419,21 @@ def test_killed_mid_stream_raises_or_falls_back(server_process: ServerProcess, d
             assert torch.equal(r.output, local(x))  # computed here, marked so
 
 
-def test_dead_server_raises_clearly_then_restart_is_picked_up(digits_weights: Path, local, test_split) -> None:
+def test_dead_server_raises_clearly_then_restart_is_picked_up(
+    digits_weights: Path, local, test_split
+) -> None:
     server = ServerProcess(digits_weights)
     x = test_split[0][:2]
     try:
-        with EdgeClient(server.address, "digits-cnn", weights=digits_weights, cut="pool1",
-                        deadline_s=5, retries=2, reconnect_wait_s=0.2) as c:
+        with EdgeClient(
+            server.address,
+            "digits-cnn",
+            weights=digits_weights,
+            cut="pool1",
+            deadline_s=5,
+            retries=2,
+            reconnect_wait_s=0.2,
+        ) as c:
             assert torch.equal(c.infer(x).output, local(x))
             server.kill()
             started = time.monotonic()

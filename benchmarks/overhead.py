@@ -1,0 +1,263 @@
+"""What splitnet adds on top of gRPC, measured side by side in one run.
+
+    python -m benchmarks.overhead [--requests 2000] [--transfers 20] [--out DIR]
+
+1. Per-request overhead: a tiny tensor through a trivial model (cut "input", raw),
+   one request at a time on one stream, against a bare gRPC bidirectional stream
+   echoing a few bytes (grpc.aio server, raw bytes, no protobuf).
+2. Bulk: a 16 MiB activation through splitnet (chunked on the stream) against bare
+   gRPC streaming of the same bytes in 1 MiB messages, acknowledged at the end.
+
+Goals the team set: overhead <= 1.3x the bare round trip; bulk >= 0.8x bare throughput.
+The benchmark measures and reports; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import queue
+import statistics
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+
+from cloud.config import ModelEntry, ServerConfig
+from cloud.server import BackgroundServer
+from edge.client import EdgeClient
+
+MiB = 1 << 20
+BULK_SHAPE = (1, 4, 1024, 1024)  # 16 MiB of float32
+TINY_SHAPE = (1, 4)
+
+
+class Tiny(nn.Module):
+    """A trivial model: one small linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class Bulk(nn.Module):
+    """A trivial model over a 16 MiB input: the mean of each channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def tiny() -> nn.Module:
+    return Tiny()
+
+
+def bulk() -> nn.Module:
+    return Bulk()
+
+
+# ---------------------------------------------------------------- bare gRPC
+
+
+class BareServer:
+    """grpc.aio server with two raw-bytes bidirectional methods, in its own thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.port = 0
+
+        async def echo(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+            async for _ in requests:
+                yield b"ok"
+
+        async def sink(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+            got = 0
+            async for m in requests:
+                got += len(m)
+                if got >= BULK_BYTES:
+                    got = 0
+                    yield b"ok"
+
+        async def main() -> None:
+            self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * MiB)])
+            handlers = {
+                "Echo": grpc.stream_stream_rpc_method_handler(echo),
+                "Sink": grpc.stream_stream_rpc_method_handler(sink),
+            }
+            self.server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler("bare.Bare", handlers),)
+            )
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            await self.server.start()
+            ready.set()
+            await self.server.wait_for_termination()
+
+        self.thread = threading.Thread(
+            target=lambda: self.loop.run_until_complete(main()), daemon=True
+        )
+        self.thread.start()
+        ready.wait(30)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
+        self.thread.join(10)
+
+
+BULK_BYTES = 16 * MiB
+
+
+def _pingpong(
+    channel: grpc.Channel, method: str, messages: Iterator[list[bytes]], n: int
+) -> list[float]:
+    """Send each group of messages on one stream, wait for one reply, time each round."""
+    outbox: queue.Queue[bytes | None] = queue.Queue()
+
+    def requests() -> Iterator[bytes]:
+        while (m := outbox.get()) is not None:
+            yield m
+
+    call = channel.stream_stream(method)(requests())
+    replies = iter(call)
+    times = []
+    for _ in range(n):
+        group = next(messages)
+        t0 = time.perf_counter()
+        for m in group:
+            outbox.put(m)
+        next(replies)
+        times.append(time.perf_counter() - t0)
+    outbox.put(None)
+    call.cancel()
+    return times
+
+
+def bare_round_trip(port: int, n: int) -> list[float]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        payload = torch.zeros(TINY_SHAPE).numpy().tobytes()
+        return _pingpong(ch, "/bare.Bare/Echo", iter(lambda: [payload], None), n)
+
+
+def bare_bulk(port: int, n: int) -> list[float]:
+    data = torch.randn(BULK_SHAPE).numpy().tobytes()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+
+        def chunks() -> Iterator[list[bytes]]:
+            while True:  # slicing bytes copies, as a real sender must
+                yield [data[i : i + MiB] for i in range(0, len(data), MiB)]
+
+        return _pingpong(ch, "/bare.Bare/Sink", chunks(), n)
+
+
+# ---------------------------------------------------------------- splitnet
+
+
+def splitnet_times(address: str, model: str, shape: tuple[int, ...], n: int) -> list[float]:
+    x = torch.randn(shape)
+    with EdgeClient(address, model, input_shape=shape, cut="input", window=1) as client:
+        times = []
+        start = time.perf_counter()
+        for _ in client.infer_many([x] * n):
+            now = time.perf_counter()
+            times.append(now - start)
+            start = now
+        return times
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    times = times[max(1, len(times) // 10) :]  # drop warm-up
+    s = sorted(times)
+    return {
+        "p50_ms": statistics.median(s) * 1e3,
+        "p90_ms": s[int(0.9 * (len(s) - 1))] * 1e3,
+        "mean_ms": statistics.fmean(s) * 1e3,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--transfers", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3, help="alternate bare/splitnet this often")
+    p.add_argument("--out", type=Path, default=Path("out/bench-overhead"))
+    args = p.parse_args()
+
+    bare = BareServer()
+    config = ServerConfig(
+        models=(
+            ModelEntry(name="benchmarks.overhead:tiny", input_shape=TINY_SHAPE),
+            ModelEntry(name="benchmarks.overhead:bulk", input_shape=BULK_SHAPE),
+        ),
+        port=0,
+        profile_runs=0,
+        max_message_bytes=64 * MiB,
+    )
+    server = BackgroundServer(config)
+    results: dict[str, list[float]] = {
+        "bare_rtt": [],
+        "splitnet_rtt": [],
+        "bare_bulk": [],
+        "splitnet_bulk": [],
+    }
+    try:
+        for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both
+            results["bare_rtt"] += bare_round_trip(bare.port, args.requests // args.rounds)
+            results["splitnet_rtt"] += splitnet_times(
+                server.address, "benchmarks.overhead:tiny", TINY_SHAPE, args.requests // args.rounds
+            )
+            results["bare_bulk"] += bare_bulk(bare.port, args.transfers // args.rounds + 1)
+            results["splitnet_bulk"] += splitnet_times(
+                server.address,
+                "benchmarks.overhead:bulk",
+                BULK_SHAPE,
+                args.transfers // args.rounds + 1,
+            )
+    finally:
+        server.stop()
+        bare.stop()
+
+    summary = {k: summarize(v) for k, v in results.items()}
+    rtt_ratio = summary["splitnet_rtt"]["p50_ms"] / summary["bare_rtt"]["p50_ms"]
+    bulk_bare = BULK_BYTES / MiB / (summary["bare_bulk"]["p50_ms"] / 1e3)
+    bulk_split = BULK_BYTES / MiB / (summary["splitnet_bulk"]["p50_ms"] / 1e3)
+    report = {
+        "torch_threads": torch.get_num_threads(),
+        "summary": summary,
+        "overhead_ratio": rtt_ratio,
+        "bulk_mib_per_s": {"bare": bulk_bare, "splitnet": bulk_split},
+        "bulk_ratio": bulk_split / bulk_bare,
+    }
+    print(f"per-request round trip, one at a time on one stream ({args.requests} requests):")
+    print(
+        f"  bare gRPC stream  p50 {summary['bare_rtt']['p50_ms']:.3f} ms  "
+        f"p90 {summary['bare_rtt']['p90_ms']:.3f} ms"
+    )
+    print(
+        f"  splitnet          p50 {summary['splitnet_rtt']['p50_ms']:.3f} ms  "
+        f"p90 {summary['splitnet_rtt']['p90_ms']:.3f} ms"
+    )
+    print(f"  ratio {rtt_ratio:.2f}x (goal <= 1.3x)")
+    print(f"16 MiB activation ({args.transfers} transfers, 1 MiB chunks):")
+    print(
+        f"  bare gRPC stream  {bulk_bare:.0f} MiB/s  (p50 {summary['bare_bulk']['p50_ms']:.1f} ms)"
+    )
+    print(
+        f"  splitnet          {bulk_split:.0f} MiB/s  "
+        f"(p50 {summary['splitnet_bulk']['p50_ms']:.1f} ms)"
+    )
+    print(f"  ratio {bulk_split / bulk_bare:.2f}x (goal >= 0.8x)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out / 'overhead.json'}")
+
+
+if __name__ == "__main__":
+    main()
