@@ -258,10 +258,11 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             return [pb.StreamResponse(response=resp)]
         resp.chunked_payload_bytes.extend(len(p) for p in payloads)
         msgs = [pb.StreamResponse(response=resp)]
-        msgs += [
-            pb.StreamResponse(chunk=pb.Chunk(id=resp.id, data=c))
-            for c in iter_chunks(payloads, self.config.chunk_bytes)
-        ]
+        for data in iter_chunks(payloads, self.config.chunk_bytes):
+            chunk = pb.StreamResponse()  # filled in place: wrapping would copy the data
+            chunk.chunk.id = resp.id
+            chunk.chunk.data = data
+            msgs.append(chunk)
         return msgs
 
 

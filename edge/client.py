@@ -201,7 +201,8 @@ class EdgeClient:
     def infer(self, x: torch.Tensor) -> InferResult:
         """Run ``x`` (a batch) through head, wire and tail; retry, then fall back if asked."""
         t0 = time.perf_counter()
-        request, timing = self._prepare(x, next(self._ids))
+        request = pb.InferRequest()
+        timing = self._prepare(x, next(self._ids), request)
         sent = time.perf_counter()
         try:
             resp = self._call(
@@ -289,15 +290,19 @@ class EdgeClient:
                         return
                 t0 = time.perf_counter()
                 rid = next(self._ids)
-                request, timing = self._prepare(x, rid)
-                payloads = strip_payloads(request.frontier, self.chunk_bytes)
+                msg = pb.StreamRequest()  # built in place: wrapping would copy the payloads
+                timing = self._prepare(x, rid, msg.request)
+                payloads = strip_payloads(msg.request.frontier, self.chunk_bytes)
                 if payloads is not None:
-                    request.chunked_payload_bytes.extend(len(p) for p in payloads)
+                    msg.request.chunked_payload_bytes.extend(len(p) for p in payloads)
                 prepared.put((rid, timing, t0, time.perf_counter()))
-                yield pb.StreamRequest(request=request)
+                yield msg
                 if payloads is not None:
                     for data in iter_chunks(payloads, self.chunk_bytes):
-                        yield pb.StreamRequest(chunk=pb.Chunk(id=rid, data=data))
+                        chunk = pb.StreamRequest()
+                        chunk.chunk.id = rid
+                        chunk.chunk.data = data
+                        yield chunk
 
         # The whole stream may take as long as every request's deadline together.
         call = self._stub_().InferStream(requests(), timeout=self.deadline_s * max(1, len(xs)))
@@ -341,24 +346,23 @@ class EdgeClient:
             call.cancel()
 
     # ------------------------------------------------------------ pieces
-    def _prepare(self, x: torch.Tensor, rid: int) -> tuple[pb.InferRequest, Timing]:
+    def _prepare(self, x: torch.Tensor, rid: int, request: pb.InferRequest) -> Timing:
+        """Run the head on ``x`` and fill ``request`` with the encoded frontier."""
         timing = Timing()
         t0 = time.perf_counter()
         with torch.no_grad():
             frontier = self.head(x)
         t1 = time.perf_counter()
-        request = pb.InferRequest(
-            id=rid,
-            model=self.model_name,
-            cut=self.cut,
-            fingerprint=self.fingerprint,
-            output_codec=self.output_codec,
-        )
+        request.id = rid
+        request.model = self.model_name
+        request.cut = self.cut
+        request.fingerprint = self.fingerprint
+        request.output_codec = self.output_codec
         request.frontier.extend(encode(t, self.codec) for t in frontier)
         t2 = time.perf_counter()
         timing.edge_ms, timing.encode_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         timing.bytes_sent = request.ByteSize()
-        return request, timing
+        return timing
 
     def _finish(
         self,

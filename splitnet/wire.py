@@ -48,10 +48,11 @@ def iter_chunks(payloads: Sequence[bytes], chunk_bytes: int) -> Iterator[bytes]:
 
 
 class Reassembler:
-    """Collects chunk bytes into one buffer per tensor, checking sizes as it goes.
+    """Collects chunk bytes for each tensor, checking sizes as they arrive.
 
-    The declared sizes are checked against ``max_total`` before anything is allocated,
-    and buffers grow only as real bytes arrive.
+    The declared sizes are checked against ``max_total`` before anything is kept; memory
+    grows only with bytes that really arrived, and each payload is joined once at the
+    end into a writable buffer that decoding can use without another copy.
     """
 
     def __init__(self, sizes: Sequence[int], n_tensors: int, max_total: int) -> None:
@@ -61,15 +62,13 @@ class Reassembler:
         if total > max_total:
             raise CodecError(f"chunked payloads of {total} bytes exceed the limit of {max_total}")
         self.sizes = list(sizes)
-        self.buffers = [bytearray() for _ in sizes]
+        self._parts: list[list[memoryview]] = [[] for _ in sizes]
+        self._have = [0] * len(sizes)
         self._index = 0
         self._skip_full()
 
     def _skip_full(self) -> None:
-        while (
-            self._index < len(self.sizes)
-            and len(self.buffers[self._index]) == self.sizes[self._index]
-        ):
+        while self._index < len(self.sizes) and self._have[self._index] == self.sizes[self._index]:
             self._index += 1
 
     @property
@@ -78,14 +77,15 @@ class Reassembler:
         return self._index >= len(self.sizes)
 
     def add(self, data: bytes) -> None:
-        """Append the next chunk; raise ``CodecError`` if it overruns the declared sizes."""
+        """Take the next chunk; raise ``CodecError`` if it overruns the declared sizes."""
         view = memoryview(data)
         while len(view):
             if self.done:
                 raise CodecError("chunk carries more bytes than the request declared")
-            buf = self.buffers[self._index]
-            take = min(self.sizes[self._index] - len(buf), len(view))
-            buf += view[:take]
+            i = self._index
+            take = min(self.sizes[i] - self._have[i], len(view))
+            self._parts[i].append(view[:take])
+            self._have[i] += take
             view = view[take:]
             self._skip_full()
 
@@ -93,4 +93,6 @@ class Reassembler:
         """The collected payloads, in tensor order (call when ``done``)."""
         if not self.done:
             raise CodecError("stream ended before all chunks arrived")
-        return self.buffers
+        out = [bytearray().join(parts) for parts in self._parts]
+        self._parts = [[] for _ in self.sizes]
+        return out

@@ -33,10 +33,12 @@ DTYPE_INT64: DType
 DTYPE_BOOL: DType
 
 class Cast(_message.Message):
-    __slots__ = ("to",)
+    __slots__ = ("to", "exponent")
     TO_FIELD_NUMBER: _ClassVar[int]
+    EXPONENT_FIELD_NUMBER: _ClassVar[int]
     to: DType
-    def __init__(self, to: _Optional[_Union[DType, str]] = ...) -> None: ...
+    exponent: int
+    def __init__(self, to: _Optional[_Union[DType, str]] = ..., exponent: _Optional[int] = ...) -> None: ...
 
 class Quantize(_message.Message):
     __slots__ = ("per_channel", "axis", "scale", "zero_point")
