@@ -13,8 +13,8 @@ row reports, for that codec on that cut:
 * the same work done by bare library calls (a torch cast, the int8 arithmetic written
   inline, ``zstandard.ZstdCompressor(level).compress``, ``ZstdDecompressor().decompress``),
   measured in the same run, interleaved with the codec, and ``x bare`` = codec time /
-  bare time. Bare decodes, like ``splitnet.decode``, return a writable tensor that owns
-  its memory.
+  bare time (the median of the ratios of back-to-back samples). Bare decodes, like
+  ``splitnet.decode``, return a writable tensor that owns its memory.
 
 The team's goal is ``int8+zstd:1`` within 1.25x of the bare calls both ways. This
 script only measures and reports; it asserts nothing about time. It leaves
@@ -71,7 +71,7 @@ MODELS: list[tuple[str, tuple[int, ...], list[str]]] = [
         ["maxpool", "layer2.1.relu_1", "layer3.0.relu", "layer4.1.relu_1"],
     ),
 ]
-MIN_SAMPLE_S = 2e-3  # each timing sample loops until it lasts at least this long
+MIN_SAMPLE_S = 3e-3  # each timing sample loops until it lasts at least this long
 
 Tensors = Sequence[torch.Tensor]
 
@@ -89,7 +89,7 @@ class Row:
     max_err: float  # largest absolute round-trip error
     enc_mbps: float
     bare_enc_mbps: float
-    enc_x_bare: float  # codec encode time / bare encode time
+    enc_x_bare: float  # codec encode time / bare encode time (median of paired samples)
     dec_mbps: float
     bare_dec_mbps: float
     dec_x_bare: float  # codec decode time / bare decode time
@@ -229,8 +229,10 @@ def _sample(fn: Callable[[], object], loops: int) -> float:
     return (time.perf_counter() - start) / loops
 
 
-def time_pairs(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median seconds per call of each function, sampled round-robin so noise is shared."""
+def time_pairs(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, one sample per round; rounds go round-robin
+    over the functions so that slow spells hit all of them alike.
+    """
     for fn in fns.values():  # warm-up: caches, thread pools, zstd contexts
         for _ in range(3):
             fn()
@@ -245,7 +247,12 @@ def time_pairs(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, f
     finally:
         if enabled:
             gc.enable()
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num/den, each pair measured back to back."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 def bench(model: str, cut: str, xs: Tensors, codec: str, repeat: int) -> Row:
@@ -258,7 +265,7 @@ def bench(model: str, cut: str, xs: Tensors, codec: str, repeat: int) -> Row:
     bare_err = max(float((y - x).abs().max()) for y, x in zip(bare_dec(blobs), xs, strict=True))
     if bare_err > 2 * err + 1e-6:  # the bare calls must be doing the same work
         print(f"  note: bare {codec} error {bare_err:.3g} vs codec {err:.3g}", file=sys.stderr)
-    t = time_pairs(
+    s = time_pairs(
         {
             "enc": lambda: [encode(x, codec) for x in xs],
             "bare_enc": bare_enc,
@@ -267,6 +274,7 @@ def bench(model: str, cut: str, xs: Tensors, codec: str, repeat: int) -> Row:
         },
         repeat,
     )
+    t = {k: statistics.median(v) for k, v in s.items()}
     return Row(
         model=model,
         cut=cut,
@@ -277,10 +285,10 @@ def bench(model: str, cut: str, xs: Tensors, codec: str, repeat: int) -> Row:
         max_err=float(f"{err:.4g}"),
         enc_mbps=round(mb / t["enc"], 1),
         bare_enc_mbps=round(mb / t["bare_enc"], 1),
-        enc_x_bare=round(t["enc"] / t["bare_enc"], 3),
+        enc_x_bare=round(paired_ratio(s["enc"], s["bare_enc"]), 3),
         dec_mbps=round(mb / t["dec"], 1),
         bare_dec_mbps=round(mb / t["bare_dec"], 1),
-        dec_x_bare=round(t["dec"] / t["bare_dec"], 3),
+        dec_x_bare=round(paired_ratio(s["dec"], s["bare_dec"]), 3),
     )
 
 
@@ -416,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": [asdict(r) for r in rows],
     }
     (args.out / "codecs.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out / 'codecs.csv'} and {args.out / 'codecs.json'}")
+    end = report["load_1min_at_end"]
+    print(f"\n1-minute load average {busy} at start, {end} at end, on {env['cpu_count']} CPU(s)")
+    print(f"wrote {args.out / 'codecs.csv'} and {args.out / 'codecs.json'}")
     return 0
 
 

@@ -5,15 +5,17 @@ joined by ``+``::
 
     raw            the bytes as they are
     zstd[:LEVEL]   zstd, level 1..22 (default 3)
-    fp16, bf16     cast floats to 16 bits
+    fp16, bf16     cast floats to 16 bits (fp16 after scaling by a power of two
+                   when the values are tiny or large, so they keep 11 bits)
     int8           affine int8, one scale per tensor
     int8c          affine int8, one scale per channel (axis 1)
     int8+zstd:1    chains: precision first, then zstd
 
 Precision steps apply to floating tensors only; other dtypes travel losslessly.
 Lossy codecs never return silently wrong values: ``fp16`` and ``bf16`` keep NaN and
-infinities but refuse finite values beyond their range, and ``int8``/``int8c`` refuse
-NaN and infinities, each with a ``CodecError``.
+infinities but refuse finite values they cannot carry (beyond bf16's range, or beyond
+what fp16 reaches with its largest scaling), and ``int8``/``int8c`` refuse NaN and
+infinities, each with a ``CodecError``.
 
 The message says everything needed to decode it (see ``proto/splitnet/v1/tensor.proto``).
 ``decode`` treats the message as hostile: it checks dtype, rank, dimensions, declared
@@ -80,11 +82,18 @@ _NUMPY_HOLDER: dict[torch.dtype, np.dtype] = {
     torch.int64: np.dtype("<i8"),
     torch.bool: np.dtype("?"),
 }
+_CODES = np.dtype("i1")  # int8 quantization codes
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _WIDE = (torch.float32, torch.float64)  # the dtypes a cast step narrows
-# Largest finite value of each cast target; a finite input beyond it is refused.
+# Largest finite value of each cast target: a finite input beyond it (for fp16, beyond
+# it times 2^exponent) is refused.
 _CAST_MAX = {"fp16": 65504.0, "bf16": 3.3895313892515355e38}
 _CAST_TO = {"fp16": (torch.float16, pb.DTYPE_FLOAT16), "bf16": (torch.bfloat16, pb.DTYPE_BFLOAT16)}
+# fp16 sends x * 2^-exponent. Within this window of largest magnitudes the exponent is
+# 0 (no extra pass): the values keep full precision down to 1/64 of the largest, and
+# any value below that errs by at most 2^-25, under 2^-17 of the largest.
+_FP16_PLAIN = (2.0**-8, 65504.0)
+_MAX_EXPONENT = 160  # |Cast.exponent| allowed on the wire
 _F32 = struct.Struct("<f")  # rounds a Python float to float32 (OverflowError past its range)
 _F32_MAX = float(np.finfo(np.float32).max)
 _FINITE_MAX = {
@@ -250,6 +259,19 @@ def _finite_absmax(t: torch.Tensor) -> float:
     return float(finite.abs().max()) if finite.numel() else 0.0
 
 
+def _fp16_exponent(big: float, dtype: torch.dtype) -> int:
+    """The power of two fp16 divides by: 0 in the plain window, else one that puts the
+    largest magnitude ``big`` in [2^14, 2^15), clamped to what the wire allows.
+    """
+    if big == 0.0 or _FP16_PLAIN[0] <= big <= _FP16_PLAIN[1]:
+        return 0
+    if dtype == torch.float32 and big > _F32_MAX * (1 - 2.0**-11):
+        # Rounding to 11 bits could carry it past float32's largest value.
+        raise CodecError(f"fp16 cannot carry {big:.6g}, this close to float32's limit")
+    exponent = math.frexp(big)[1] - 15  # big in [2^(k-1), 2^k) -> [2^14, 2^15)
+    return min(max(exponent, -_MAX_EXPONENT), _MAX_EXPONENT)
+
+
 def _not_finite(codec: str) -> CodecError:
     return CodecError(
         f"{codec} cannot represent NaN or infinite values (the tensor has some); "
@@ -268,15 +290,21 @@ def _apply_precision(t: torch.Tensor, precision: str, msg: pb.Tensor) -> np.ndar
         if t.dtype not in _WIDE:
             return _as_numpy(t)  # already 16 bits: nothing to gain
         big = _finite_absmax(t)
-        if big > _CAST_MAX[precision]:
-            others = "bf16, raw or zstd" if precision == "fp16" else "raw or zstd"
+        exponent = _fp16_exponent(big, t.dtype) if precision == "fp16" else 0
+        if big > _CAST_MAX[precision] * 2.0**exponent:
             raise CodecError(
-                f"{precision} cannot hold {big:.6g} (its largest finite value is "
-                f"{_CAST_MAX[precision]:.6g}); use {others}"
+                f"{precision} cannot carry {big:.6g} (its largest finite value is "
+                f"{_CAST_MAX[precision]:.6g}); use raw or zstd"
             )
         target, wire = _CAST_TO[precision]
-        msg.steps.add().cast.to = wire
-        return _as_numpy(t.to(target))
+        cast = msg.steps.add().cast
+        cast.to = wire
+        if exponent == 0:
+            return _as_numpy(t.to(target))
+        cast.exponent = exponent
+        # Scaling by a power of two is exact; float64 holds every factor we use.
+        wide = t.double() if abs(exponent) > 126 else t
+        return _as_numpy(wide.mul(2.0**-exponent).to(target))
 
     # Affine int8: code = round(x / scale + zero_point), real = (code - zero_point) * scale.
     # The scale is rounded to the float32 that travels before quantizing, so the
@@ -374,13 +402,13 @@ def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Te
     if raw > limits.max_raw_bytes:
         raise CodecError(f"tensor of {raw} bytes exceeds the limit of {limits.max_raw_bytes} bytes")
 
-    kind, zstd_step = _step_kinds(msg.steps)
+    first, kind, zstd_step = _step_kinds(msg.steps)
     if kind == "quantize":
-        quant = _quantize_params(msg.steps[0].quantize, dtype, shape)
-        stage: np.dtype = np.dtype("i1")
+        quant = _quantize_params(first.quantize, dtype, shape)
+        stage: np.dtype = _CODES
     elif kind == "cast":
-        narrow = _check_cast(msg.steps[0].cast, dtype)
-        stage = np.dtype("<f2") if narrow == torch.float16 else np.dtype("<i2")
+        narrow, exponent = _check_cast(first.cast, dtype)
+        stage = _NUMPY_HOLDER[narrow]
     else:
         stage = holder
     stage_nbytes = numel * stage.itemsize
@@ -396,7 +424,12 @@ def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Te
     # One copy: the payload is immutable, the result must be writable.
     arr = np.frombuffer(payload, dtype=stage).copy()
     if kind == "cast":  # widen with torch: far faster than numpy for halves
-        return torch.from_numpy(arr).view(narrow).to(dtype).reshape(shape)
+        halves = torch.from_numpy(arr).view(narrow)
+        if exponent == 0:
+            return halves.to(dtype).reshape(shape)
+        # Exact power-of-two scaling; float64 where float32 cannot hold the factor.
+        wide = halves.to(torch.float64 if abs(exponent) > 126 else dtype)
+        return wide.mul_(2.0**exponent).to(dtype).reshape(shape)
     if dtype == torch.bool and arr.size and arr.view(np.uint8).max() > 1:
         raise CodecError("bool tensor holds bytes other than 0 and 1")
     out = torch.from_numpy(arr)
@@ -405,29 +438,39 @@ def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Te
     return out.reshape(shape)
 
 
-def _step_kinds(steps: Sequence[pb.Step]) -> tuple[str | None, bool]:
-    """``(precision step kind or None, whether a zstd step ends the chain)``."""
-    if len(steps) > 2:
-        raise CodecError(f"{len(steps)} steps; a wire tensor has at most two")
-    kinds = [s.WhichOneof("kind") for s in steps]
-    zstd_step = bool(kinds) and kinds[-1] == "zstd"
-    head = kinds[:-1] if zstd_step else kinds
-    if not head:
-        return None, zstd_step
-    if len(head) == 1 and head[0] in ("cast", "quantize"):
-        return head[0], zstd_step
+def _step_kinds(steps: Sequence[pb.Step]) -> tuple[pb.Step, str | None, bool]:
+    """``(first step, its kind if a cast or quantize else None, whether zstd ends the chain)``."""
+    n = len(steps)
+    if n > 2:
+        raise CodecError(f"{n} steps; a wire tensor has at most two")
+    if n == 0:
+        return _NO_STEP, None, False
+    first = steps[0]
+    kinds = [first.WhichOneof("kind")] + [s.WhichOneof("kind") for s in steps[1:]]
+    zstd_step = kinds[-1] == "zstd"
+    if n == 1 and zstd_step:
+        return first, None, True
+    if n - zstd_step == 1 and kinds[0] in ("cast", "quantize"):
+        return first, kinds[0], zstd_step
     raise CodecError(
         f"unsupported step chain {kinds}; expected at most one cast or quantize step, "
         "then at most one zstd step"
     )
 
 
-def _check_cast(cast: pb.Cast, dtype: torch.dtype) -> torch.dtype:
+_NO_STEP = pb.Step()
+
+
+def _check_cast(cast: pb.Cast, dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """``(the narrow dtype, the power-of-two exponent)`` of a valid cast step."""
     if cast.to not in (pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16):
         raise CodecError(f"cast target {cast.to} is not FLOAT16 or BFLOAT16")
     if dtype not in _WIDE:
         raise CodecError(f"cast step on a {dtype} tensor; only float32/float64 are cast")
-    return torch.float16 if cast.to == pb.DTYPE_FLOAT16 else torch.bfloat16
+    exponent = cast.exponent
+    if not -_MAX_EXPONENT <= exponent <= _MAX_EXPONENT:
+        raise CodecError(f"cast exponent {exponent} is outside [-160, 160]")
+    return (torch.float16 if cast.to == pb.DTYPE_FLOAT16 else torch.bfloat16), exponent
 
 
 _Params = float | np.ndarray
@@ -441,17 +484,19 @@ def _quantize_params(
     """
     if dtype not in _FLOATS:
         raise CodecError(f"quantize step on a non-floating {dtype} tensor")
-    per_channel, axis = q.per_channel, q.axis
-    if per_channel and axis >= len(shape):
+    per_channel = q.per_channel
+    axis = q.axis if per_channel else 0
+    if axis >= len(shape) and per_channel:
         raise CodecError(f"quantize axis {axis} out of range for rank {len(shape)}")
     channels = shape[axis] if per_channel else 1
-    if len(q.scale) != channels or len(q.zero_point) != channels:
+    q_scale, q_zero = q.scale, q.zero_point
+    if len(q_scale) != channels or len(q_zero) != channels:
         raise CodecError(
             f"quantize step needs {channels} scales and zero points, "
-            f"got {len(q.scale)} and {len(q.zero_point)}"
+            f"got {len(q_scale)} and {len(q_zero)}"
         )
     if not per_channel:
-        scale, zero = q.scale[0], q.zero_point[0]
+        scale, zero = q_scale[0], q_zero[0]
         if not 0.0 < scale < math.inf:
             raise CodecError("quantize scales must be finite and positive")
         if not -128 <= zero <= 127:
@@ -460,8 +505,8 @@ def _quantize_params(
     if channels == 0:
         return 1.0, 0.0, 0.0
     wide = np.float64 if dtype == torch.float64 else np.float32
-    scales = np.asarray(q.scale, dtype=wide)
-    zeros = np.asarray(q.zero_point, dtype=wide)
+    scales = np.asarray(q_scale, dtype=wide)
+    zeros = np.asarray(q_zero, dtype=wide)
     largest = float(scales.max())
     if not (scales.min() > 0.0 and largest < math.inf):  # NaN fails both
         raise CodecError("quantize scales must be finite and positive")
@@ -478,15 +523,13 @@ def _decompress(payload: bytes, expected: int) -> bytes:
     if payload[:4] != _ZSTD_MAGIC:  # not zstd, or a skippable frame
         raise CodecError("payload is not a standard zstd frame")
     try:
-        params = zstandard.get_frame_parameters(payload)
+        declared = zstandard.frame_content_size(payload)  # -1: not declared
     except zstandard.ZstdError as e:
         raise CodecError(f"payload is not a zstd frame: {e}") from e
-    if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+    if declared < 0:
         raise CodecError("zstd frame does not declare its content size")
-    if params.content_size != expected:
-        raise CodecError(
-            f"zstd frame declares {params.content_size} bytes; the header implies {expected}"
-        )
+    if declared != expected:
+        raise CodecError(f"zstd frame declares {declared} bytes; the header implies {expected}")
     # Safe now: zstandard allocates the declared content size, which we just bounded.
     # It also checks the frame decodes to exactly that size with nothing after it.
     try:
@@ -503,9 +546,8 @@ def _dequantize(
     dtype: torch.dtype,
     shape: tuple[int, ...],
 ) -> torch.Tensor:
-    wide_dtype = np.float64 if dtype == torch.float64 else np.float32
-    wide = np.empty(shape, dtype=wide_dtype)
-    np.subtract(codes.reshape(shape), zero, out=wide, dtype=wide_dtype)
+    wide = codes.reshape(shape).astype(np.float64 if dtype == torch.float64 else np.float32)
+    np.subtract(wide, zero, out=wide)
     # The extreme codes reach half a step past the range the encoder saw; where that
     # passes the dtype's largest finite value, clip so the result stays finite.
     limit = _FINITE_MAX[dtype]

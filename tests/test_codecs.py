@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
+import subprocess
+import sys
 import tracemalloc
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -23,9 +28,11 @@ from splitnet.v1 import tensor_pb2 as pb
 # ------------------------------------------------------------------ stated tolerances
 # fp16 rounds to nearest: relative error <= 2^-11 (half an ulp, 10 stored mantissa bits).
 # Below fp16's normal range (|x| < 2^-14) the spacing is fixed at 2^-24, so the error
-# is at most half of it: 2^-25 absolute.
+# is at most half of it: 2^-25 absolute. fp16 sends x * 2^-e (Cast.exponent e, 0 for
+# ordinary activations), so that floor is 2^(e-25): tiny next to the largest value.
 FP16_REL_TOL = 2.0**-11
 FP16_ABS_TOL = 2.0**-25
+F32_SUBNORMAL_TOL = 2.0**-150  # a float32 result below 2^-126 rounds to a multiple of 2^-149
 # bf16 rounds to nearest: relative error <= 2^-8 (7 stored mantissa bits); below its
 # normal range the spacing is 2^-133, and float64 inputs may flush through float32.
 BF16_REL_TOL = 2.0**-8
@@ -180,17 +187,38 @@ def assert_cast_close(x: torch.Tensor, y: torch.Tensor, rel: float, abs_: float)
     assert bool((err <= tol).all()), f"max error {float(err.max())} beyond tolerance"
 
 
+F32_FP16_MAX = 3.4e38  # fp16 refuses float32 values within 2^-11 of float32's largest
+
+
 @SETTINGS
 @given(
-    x=float_tensors([torch.float32, torch.float64], bound=65504.0, nonfinite=True),
+    x=float_tensors([torch.float32, torch.float64], bound=F32_FP16_MAX, nonfinite=True)
+    | float_tensors([torch.float32, torch.float64], bound=65504.0, nonfinite=True)
+    | float_tensors([torch.float32, torch.float64], bound=1e-6, nonfinite=True),
     zstd=st.booleans(),
 )
 def test_fp16_within_tolerance_and_keeps_nan_inf(x: torch.Tensor, zstd: bool) -> None:
     msg = encode(x, "fp16+zstd:1" if zstd else "fp16")
+    exponent = msg.steps[0].cast.exponent if msg.steps and msg.steps[0].HasField("cast") else 0
     rel = FP16_REL_TOL + (DOUBLE_ROUNDING if x.dtype == torch.float64 else 0.0)
-    assert_cast_close(x, decode(msg), rel, FP16_ABS_TOL)
-    if x.numel():
-        assert len(msg.payload) <= x.numel() * 2 or zstd
+    floor = max(FP16_ABS_TOL * 2.0**exponent, F32_SUBNORMAL_TOL)
+    assert_cast_close(x, decode(msg), rel, floor)
+    if x.numel() and not zstd:
+        assert len(msg.payload) == 2 * x.numel()  # two bytes a value
+
+
+def test_fp16_scales_only_tiny_or_large_activations() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5)
+    for factor, scaled in [(1.0, False), (1e3, False), (1e-8, True), (1e-30, True), (1e9, True)]:
+        msg = encode(x * factor, "fp16")
+        assert (msg.steps[0].cast.exponent != 0) == scaled, factor
+        y = decode(msg)
+        big = float((x * factor).abs().max())
+        err = ((y - x * factor).abs() - (x * factor).abs() * FP16_REL_TOL).max()
+        # Beyond 11-bit rounding, no error exceeds 2^-17 of the largest value (the
+        # plain window's worst case; scaled tensors do far better).
+        assert float(err) <= big * 2.0**-17, factor
 
 
 @SETTINGS
@@ -210,13 +238,39 @@ def test_casts_leave_16_bit_floats_exact(codec: str, dtype: torch.dtype) -> None
 
 
 @pytest.mark.parametrize(
-    ("codec", "value"), [("fp16", 65520.0), ("fp16", -1e6), ("bf16", 3.4e38), ("bf16", -1e300)]
+    ("codec", "value", "dtype", "match"),
+    [
+        ("fp16", 1e60, torch.float64, "cannot carry"),  # beyond 65504 x 2^160
+        ("fp16", -3.402e38, torch.float32, "float32's limit"),  # rounding would overflow
+        ("bf16", 3.4e38, torch.float32, "cannot carry"),
+        ("bf16", -1e300, torch.float64, "cannot carry"),
+    ],
 )
-def test_casts_refuse_finite_values_beyond_their_range(codec: str, value: float) -> None:
-    dtype = torch.float64 if abs(value) > 3.4e38 else torch.float32
+def test_casts_refuse_finite_values_they_cannot_carry(
+    codec: str, value: float, dtype: torch.dtype, match: str
+) -> None:
     x = torch.tensor([0.0, math.nan, value], dtype=dtype)
-    with pytest.raises(CodecError, match="largest finite value"):
+    with pytest.raises(CodecError, match=match):
         encode(x, codec)
+
+
+def test_decode_applies_the_cast_exponent_for_either_target() -> None:
+    for to, narrow in ((pb.DTYPE_FLOAT16, torch.float16), (pb.DTYPE_BFLOAT16, torch.bfloat16)):
+        for dtype, wire_dtype, size in (
+            (torch.float32, pb.DTYPE_FLOAT32, 4),
+            (torch.float64, pb.DTYPE_FLOAT64, 8),
+        ):
+            for exponent in (3, -150, 140):
+                halves = torch.tensor([1.0, -2.0, math.inf, 0.0], dtype=narrow)
+                msg = pb.Tensor(
+                    shape=[4],
+                    dtype=wire_dtype,
+                    raw_nbytes=4 * size,
+                    steps=[pb.Step(cast=pb.Cast(to=to, exponent=exponent))],
+                    payload=halves.view(torch.int16).numpy().tobytes(),
+                )
+                want = (halves.double() * 2.0**exponent).to(dtype)
+                assert_bit_equal(decode(msg), want)
 
 
 def per_channel_ranges(x: torch.Tensor) -> torch.Tensor:
@@ -336,9 +390,11 @@ def test_decoded_tensor_is_writable_and_owns_its_memory() -> None:
     for codec in LOSSLESS + LOSSY + ["bf16"]:
         msg = encode(x, codec)
         before = msg.SerializeToString()
-        first = decode(msg)
-        second = decode(msg)
-        first.add_(1000)  # no warning, no error: writable
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. torch's "buffer is not writable"
+            first = decode(msg)
+            second = decode(msg)
+        first.add_(1000)
         assert torch.equal(decode(msg), second), codec
         assert msg.SerializeToString() == before, codec
     for dtype in (torch.bool, torch.bfloat16, torch.int64):
@@ -435,6 +491,18 @@ def assert_rejected_cheaply(msg: pb.Tensor, match: str, limits: DecodeLimits | N
     finally:
         tracemalloc.stop()
     assert peak < MiB, f"decode allocated {peak} bytes before rejecting"
+
+
+def test_tracemalloc_sees_what_decode_allocates() -> None:
+    """The control for the test below: a genuine 4 MiB decode shows up in the peak."""
+    msg = encode(torch.ones(1 << 20), "zstd:1")
+    tracemalloc.start()
+    try:
+        decode(msg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak >= 4 * MiB
 
 
 def wire(
@@ -742,6 +810,22 @@ HOSTILE: dict[str, tuple[Callable[[], pb.Tensor], str, DecodeLimits | None]] = {
         "cast target",
         None,
     ),
+    "cast exponent above 160": (
+        lambda: wire(
+            [4], payload=bytes(8), steps=[pb.Step(cast=pb.Cast(to=pb.DTYPE_FLOAT16, exponent=161))]
+        ),
+        "exponent 161 is outside",
+        None,
+    ),
+    "cast exponent below -160": (
+        lambda: wire(
+            [4],
+            payload=bytes(8),
+            steps=[pb.Step(cast=pb.Cast(to=pb.DTYPE_FLOAT16, exponent=-1 << 30))],
+        ),
+        "outside",
+        None,
+    ),
     "cast payload of the wrong size": (
         lambda: wire([4], payload=bytes(16), steps=[cast_step()]),
         "payload holds 16",
@@ -785,3 +869,20 @@ def test_limits_admit_what_they_name() -> None:
     )
     empty = wire([0, 1 << 31], payload=b"")
     assert decode(empty).shape == (0, 1 << 31)
+
+
+# ---------------------------------------------------------------------- the benchmark runs
+
+
+def test_codec_benchmark_smoke_run(tmp_path: Path) -> None:
+    """``python -m benchmarks.codecs`` runs and writes its CSV and JSON (timings unchecked)."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "benchmarks.codecs", "--quick", "--repeat", "1"]
+    cmd += ["--codecs", "raw,int8+zstd:1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "intra-op thread" in done.stdout and "int8+zstd:1" in done.stdout
+    report = json.loads((tmp_path / "codecs.json").read_text())
+    assert {r["codec"] for r in report["rows"]} == {"raw", "int8+zstd:1"}
+    assert all(r["ratio"] > 0 and r["enc_mbps"] > 0 for r in report["rows"])
+    assert (tmp_path / "codecs.csv").read_text().startswith("model,cut,")
