@@ -50,10 +50,11 @@ class Tiny(nn.Module):
 
 
 class Bulk(nn.Module):
-    """A trivial model over a 16 MiB input: the mean of each channel."""
+    """A trivial model over a 16 MiB input: one pixel per channel (no pass over the
+    data, so the figure is the transport's, not the tail's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
+        return x[:, :, 0, 0] * 1.0
 
 
 def tiny() -> nn.Module:

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from cloud.config import ModelEntry
-from splitnet.codecs import DecodeLimits, decode, encode, parse_codec
+from splitnet.codecs import DecodeLimits, decode, encode, parse_codec, wire_dtype
 from splitnet.errors import CodecError, SplitNetError
 from splitnet.models import fingerprint, load_model, resolve
 from splitnet.partition import Cut, SplitGraph, trace
@@ -138,9 +138,9 @@ class TailRuntime:
                     tail_latency_ms=served.tail_ms.get(cut.name, 0.0),
                 )
                 for f in cut.frontier:
-                    c.frontier.add(name=f.name, shape=f.shape, dtype=_wire_dtype(f.dtype))
+                    c.frontier.add(name=f.name, shape=f.shape, dtype=wire_dtype(f.dtype))
             for i, (shape, dtype) in enumerate(served.outputs):
-                info.outputs.add(name=f"output{i}", shape=shape, dtype=_wire_dtype(dtype))
+                info.outputs.add(name=f"output{i}", shape=shape, dtype=wire_dtype(dtype))
         return resp
 
     # ------------------------------------------------------------ requests
@@ -191,7 +191,7 @@ class TailRuntime:
             if (
                 len(shape) != len(want.shape)
                 or shape[1:] != want.shape[1:]
-                or wire.dtype != _wire_dtype(want.dtype)
+                or wire.dtype != wire_dtype(want.dtype)
             ):
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -226,12 +226,10 @@ class TailRuntime:
             if payloads is None:
                 tensors = [decode(t, limits=self.limits) for t in req.frontier]
             else:
-                tensors = []
-                for t, p in zip(req.frontier, payloads, strict=True):
-                    full = tensor_pb2.Tensor()
-                    full.CopyFrom(t)
-                    full.payload = bytes(p)
-                    tensors.append(decode(full, limits=self.limits))
+                tensors = [
+                    decode(t, limits=self.limits, payload=p)
+                    for t, p in zip(req.frontier, payloads, strict=True)
+                ]
         except CodecError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed tensor: {e}") from None
         if self.device.type != "cpu":
@@ -281,8 +279,3 @@ class TailRuntime:
             f"unknown model {name!r}; this server serves: {', '.join(self.models)}",
         )
 
-
-def _wire_dtype(dtype: torch.dtype) -> int:
-    from splitnet.codecs import _TORCH_TO_WIRE
-
-    return _TORCH_TO_WIRE[dtype]

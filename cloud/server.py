@@ -23,7 +23,7 @@ from cloud.config import ServerConfig
 from cloud.runtime import TailRuntime
 from cloud.service import SplitInferenceService
 from splitnet.v1 import inference_pb2 as pb
-from splitnet.v1 import inference_pb2_grpc as pb_grpc
+from splitnet.wire import serialize_stream_message, stream_parser
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class CloudServer:
         executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tail")
         server = grpc.aio.server(options=channel_options(config))
         service = SplitInferenceService(runtime, config, executor)
-        pb_grpc.add_SplitInferenceServicer_to_server(service, server)
+        server.add_generic_rpc_handlers((_handlers(service),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -137,6 +137,30 @@ class CloudServer:
     def _on_signal(self, sig: int) -> None:
         logger.warning("%s: draining in-flight requests, then stopping", signal.Signals(sig).name)
         asyncio.get_running_loop().create_task(self.stop())
+
+
+def _handlers(service: SplitInferenceService) -> grpc.GenericRpcHandler:
+    """The service's method handlers, as generated, except that InferStream reads and
+    writes chunk frames without protobuf copies (same bytes on the wire).
+    """
+    handlers = {
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo,
+            request_deserializer=pb.ModelInfoRequest.FromString,
+            response_serializer=pb.ModelInfoResponse.SerializeToString,
+        ),
+        "Infer": grpc.unary_unary_rpc_method_handler(
+            service.Infer,
+            request_deserializer=pb.InferRequest.FromString,
+            response_serializer=pb.InferResponse.SerializeToString,
+        ),
+        "InferStream": grpc.stream_stream_rpc_method_handler(
+            service.InferStream,
+            request_deserializer=stream_parser(pb.StreamRequest),
+            response_serializer=serialize_stream_message,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 def _make_runtime(config: ServerConfig) -> TailRuntime:

@@ -22,7 +22,7 @@ from cloud.runtime import RequestError, TailRuntime
 from splitnet.errors import CodecError
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.v1 import inference_pb2_grpc as pb_grpc
-from splitnet.wire import Reassembler, iter_chunks, strip_payloads
+from splitnet.wire import RawChunk, Reassembler, iter_chunks, strip_payloads
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             await _abort(context, e)
 
     async def InferStream(
-        self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamResponse]:
+        self,
+        request_iterator: AsyncIterator[pb.StreamRequest | RawChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamResponse | RawChunk]:
         order: asyncio.Queue[asyncio.Task[pb.InferResponse] | None] = asyncio.Queue(STREAM_WINDOW)
         protocol_error: list[str] = []
         reader = asyncio.get_running_loop().create_task(
@@ -113,7 +115,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     # ------------------------------------------------------------- helpers
     async def _read_stream(
         self,
-        requests: AsyncIterator[pb.StreamRequest],
+        requests: AsyncIterator[pb.StreamRequest | RawChunk],
         order: asyncio.Queue[asyncio.Task[pb.InferResponse] | None],
         protocol_error: list[str],
     ) -> None:
@@ -123,7 +125,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("kind")
-                if kind == "request":
+                if kind == "request" and isinstance(msg, pb.StreamRequest):
                     if header is not None:
                         raise CodecError(
                             f"request {msg.request.id} began before request "
@@ -144,10 +146,11 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                             header = assembler = None
                         continue
                     await order.put(loop.create_task(self._answer(req, None)))
-                elif kind == "chunk":
-                    if header is None or assembler is None or msg.chunk.id != header.id:
-                        raise CodecError(f"chunk for request {msg.chunk.id} that was not announced")
-                    assembler.add(msg.chunk.data)
+                elif kind in ("raw_chunk", "chunk"):
+                    chunk = msg if isinstance(msg, RawChunk) else msg.chunk
+                    if header is None or assembler is None or chunk.id != header.id:
+                        raise CodecError(f"chunk for request {chunk.id} that was not announced")
+                    assembler.add(chunk.data)
                     if assembler.done:
                         await order.put(
                             loop.create_task(self._answer(header, assembler.payloads()))
@@ -252,17 +255,13 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         model, cut = cast(tuple[str, str], key)
         return self.runtime.run_and_encode(self.runtime.models[model], cut, items)
 
-    def _response_messages(self, resp: pb.InferResponse) -> list[pb.StreamResponse]:
+    def _response_messages(self, resp: pb.InferResponse) -> list[pb.StreamResponse | RawChunk]:
         payloads = strip_payloads(resp.outputs, self.config.chunk_bytes)
         if payloads is None:
             return [pb.StreamResponse(response=resp)]
         resp.chunked_payload_bytes.extend(len(p) for p in payloads)
-        msgs = [pb.StreamResponse(response=resp)]
-        for data in iter_chunks(payloads, self.config.chunk_bytes):
-            chunk = pb.StreamResponse()  # filled in place: wrapping would copy the data
-            chunk.chunk.id = resp.id
-            chunk.chunk.data = data
-            msgs.append(chunk)
+        msgs: list[pb.StreamResponse | RawChunk] = [pb.StreamResponse(response=resp)]
+        msgs += [RawChunk(resp.id, d) for d in iter_chunks(payloads, self.config.chunk_bytes)]
         return msgs
 
 

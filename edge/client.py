@@ -29,14 +29,21 @@ import grpc
 import torch
 from torch import nn
 
-from splitnet.codecs import decode, encode, parse_codec
+from splitnet.codecs import decode, encode_parts, parse_codec
 from splitnet.errors import ModelMismatchError, RemoteError, SplitNetError
 from splitnet.models import fingerprint, load_model, resolve
 from splitnet.partition import trace
 from splitnet.report import sample_input
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.v1 import inference_pb2_grpc as pb_grpc
-from splitnet.wire import CHUNK_BYTES, Reassembler, iter_chunks, strip_payloads
+from splitnet.wire import (
+    CHUNK_BYTES,
+    RawChunk,
+    Reassembler,
+    iter_chunks,
+    serialize_stream_message,
+    stream_parser,
+)
 
 __all__ = ["EdgeClient", "InferResult", "Timing"]
 
@@ -152,6 +159,12 @@ class EdgeClient:
         ]
         self._channel = grpc.insecure_channel(self.target, options=options)
         self._stub = pb_grpc.SplitInferenceStub(self._channel)
+        # As generated, but chunk frames skip protobuf's copies (same bytes on the wire).
+        self._infer_stream = self._channel.stream_stream(
+            "/splitnet.v1.SplitInference/InferStream",
+            request_serializer=serialize_stream_message,
+            response_deserializer=stream_parser(pb.StreamResponse),
+        )
         try:
             self.refresh_info()
         except RemoteError as e:
@@ -202,7 +215,7 @@ class EdgeClient:
         """Run ``x`` (a batch) through head, wire and tail; retry, then fall back if asked."""
         t0 = time.perf_counter()
         request = pb.InferRequest()
-        timing = self._prepare(x, next(self._ids), request)
+        timing, _ = self._prepare(x, next(self._ids), request)
         sent = time.perf_counter()
         try:
             resp = self._call(
@@ -283,7 +296,7 @@ class EdgeClient:
         stop = threading.Event()
         prepared: queue.Queue[tuple[int, Timing, float, float]] = queue.Queue()
 
-        def requests() -> Iterator[pb.StreamRequest]:
+        def requests() -> Iterator[pb.StreamRequest | RawChunk]:
             for x in xs:
                 while not slots.acquire(timeout=0.1):
                     if stop.is_set():
@@ -291,27 +304,22 @@ class EdgeClient:
                 t0 = time.perf_counter()
                 rid = next(self._ids)
                 msg = pb.StreamRequest()  # built in place: wrapping would copy the payloads
-                timing = self._prepare(x, rid, msg.request)
-                payloads = strip_payloads(msg.request.frontier, self.chunk_bytes)
-                if payloads is not None:
-                    msg.request.chunked_payload_bytes.extend(len(p) for p in payloads)
+                timing, payloads = self._prepare(x, rid, msg.request, self.chunk_bytes)
                 prepared.put((rid, timing, t0, time.perf_counter()))
                 yield msg
-                if payloads is not None:
+                if payloads is not None:  # views of the payloads, copied once on send
                     for data in iter_chunks(payloads, self.chunk_bytes):
-                        chunk = pb.StreamRequest()
-                        chunk.chunk.id = rid
-                        chunk.chunk.data = data
-                        yield chunk
+                        yield RawChunk(rid, data)
 
         # The whole stream may take as long as every request's deadline together.
-        call = self._stub_().InferStream(requests(), timeout=self.deadline_s * max(1, len(xs)))
+        call = self._infer_stream(requests(), timeout=self.deadline_s * max(1, len(xs)))
         try:
             answered = 0
             assembler: Reassembler | None = None
             pending: pb.InferResponse | None = None
             for msg in call:
-                if msg.WhichOneof("kind") == "response":
+                kind = msg.WhichOneof("kind")
+                if kind == "response":
                     pending = msg.response
                     if pending.chunked_payload_bytes:
                         assembler = Reassembler(
@@ -320,7 +328,7 @@ class EdgeClient:
                         if not assembler.done:
                             continue
                 elif assembler is not None and pending is not None:
-                    assembler.add(msg.chunk.data)
+                    assembler.add(msg.data if kind == "raw_chunk" else msg.chunk.data)
                     if not assembler.done:
                         continue
                 else:
@@ -346,8 +354,14 @@ class EdgeClient:
             call.cancel()
 
     # ------------------------------------------------------------ pieces
-    def _prepare(self, x: torch.Tensor, rid: int, request: pb.InferRequest) -> Timing:
-        """Run the head on ``x`` and fill ``request`` with the encoded frontier."""
+    def _prepare(
+        self, x: torch.Tensor, rid: int, request: pb.InferRequest, chunk_bytes: int | None = None
+    ) -> tuple[Timing, list[bytes | memoryview] | None]:
+        """Run the head on ``x`` and fill ``request`` with the encoded frontier.
+
+        With ``chunk_bytes`` (streams), payloads larger than that together are left out
+        of the request and returned, to be sent as chunks; otherwise None is returned.
+        """
         timing = Timing()
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -358,11 +372,21 @@ class EdgeClient:
         request.cut = self.cut
         request.fingerprint = self.fingerprint
         request.output_codec = self.output_codec
-        request.frontier.extend(encode(t, self.codec) for t in frontier)
+        parts = [encode_parts(t, self.codec) for t in frontier]
+        payloads: list[bytes | memoryview] | None = [p for _, p in parts]
+        request.frontier.extend(header for header, _ in parts)
+        assert payloads is not None
+        total = sum(len(p) for p in payloads)
+        if chunk_bytes is not None and total > chunk_bytes:
+            request.chunked_payload_bytes.extend(len(p) for p in payloads)
+        else:
+            for t, p in zip(request.frontier, payloads, strict=True):
+                t.payload = p if isinstance(p, bytes) else p.tobytes()
+            payloads = None
         t2 = time.perf_counter()
         timing.edge_ms, timing.encode_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        timing.bytes_sent = request.ByteSize()
-        return timing
+        timing.bytes_sent = request.ByteSize() + total * (payloads is not None)
+        return timing, payloads
 
     def _finish(
         self,
@@ -376,10 +400,10 @@ class EdgeClient:
         if resp.HasField("error"):
             code = grpc.StatusCode(_code_tuple(resp.error.code)).name
             raise RemoteError(code, resp.error.message)
-        if payloads is not None:
-            for t, p in zip(resp.outputs, payloads, strict=True):
-                t.payload = bytes(p)
-        outputs = [decode(t) for t in resp.outputs]
+        if payloads is None:
+            outputs = [decode(t) for t in resp.outputs]
+        else:
+            outputs = [decode(t, payload=p) for t, p in zip(resp.outputs, payloads, strict=True)]
         done = time.perf_counter()
         st = resp.timing
         timing.queue_ms, timing.cloud_ms = st.queue_ms, st.compute_ms

@@ -46,7 +46,9 @@ __all__ = [
     "DecodeLimits",
     "decode",
     "encode",
+    "encode_parts",
     "parse_codec",
+    "wire_dtype",
 ]
 
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
@@ -195,6 +197,14 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+def wire_dtype(dtype: torch.dtype) -> int:
+    """The wire ``DType`` value of a torch dtype; ``CodecError`` if it cannot travel."""
+    value = _TORCH_TO_WIRE.get(dtype)
+    if value is None:
+        raise CodecError(f"dtype {dtype} cannot go on the wire")
+    return value
+
+
 # ---------------------------------------------------------------------------- encode
 
 
@@ -203,6 +213,20 @@ def encode(tensor: torch.Tensor, codec: str | CodecSpec = "raw") -> pb.Tensor:
 
     Raises ``CodecError`` for an unsupported dtype or layout, and where the lossy
     codec cannot represent the values (see the module docstring).
+    """
+    msg, payload = encode_parts(tensor, codec)
+    msg.payload = payload if isinstance(payload, bytes) else payload.tobytes()
+    return msg
+
+
+def encode_parts(
+    tensor: torch.Tensor, codec: str | CodecSpec = "raw"
+) -> tuple[pb.Tensor, bytes | memoryview]:
+    """Like ``encode``, but the payload comes back beside the message (left empty).
+
+    Without a precision or zstd step the payload is a read-only view of the tensor's
+    own memory, not a copy: a sender that streams it in chunks copies each byte once.
+    Do not change the tensor until the payload has been sent.
     """
     spec = parse_codec(codec)
     if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
@@ -225,13 +249,11 @@ def encode(tensor: torch.Tensor, codec: str | CodecSpec = "raw") -> pb.Tensor:
     else:
         data = _as_numpy(t)
 
+    flat = data.reshape(-1).view(np.uint8).data  # a memoryview of the bytes, no copy
     if spec.zstd_level is not None:
         msg.steps.add().zstd.level = spec.zstd_level
-        flat = data.reshape(-1).view(np.uint8).data  # a memoryview of the bytes, no copy
-        msg.payload = _compressor(spec.zstd_level).compress(flat)
-    else:
-        msg.payload = data.tobytes()
-    return msg
+        return msg, _compressor(spec.zstd_level).compress(flat)
+    return msg, flat.toreadonly()
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -377,10 +399,17 @@ def _quantize_per_channel(x: torch.Tensor, q: pb.Quantize) -> torch.Tensor:
 # ---------------------------------------------------------------------------- decode
 
 
-def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Tensor:
+def decode(
+    msg: pb.Tensor,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    payload: bytes | bytearray | None = None,
+) -> torch.Tensor:
     """Decode a wire ``Tensor``; validate everything before allocating.
 
-    The result owns its memory, is writable and never aliases ``msg``.
+    ``payload`` replaces ``msg.payload`` (for payloads that arrived in chunks). A
+    ``bytearray`` is handed over: a lossless result may use its memory without a copy.
+    The result is writable and never aliases ``msg``.
     """
     dtype = _WIRE_TO_TORCH.get(msg.dtype)
     if dtype is None:
@@ -412,7 +441,8 @@ def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Te
     else:
         stage = holder
     stage_nbytes = numel * stage.itemsize
-    payload = msg.payload
+    if payload is None:
+        payload = msg.payload
     if zstd_step:
         payload = _decompress(payload, stage_nbytes)
     elif len(payload) != stage_nbytes:
@@ -421,8 +451,9 @@ def decode(msg: pb.Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Te
     if kind == "quantize":
         # numpy reads the (immutable) payload in place and writes a fresh result.
         return _dequantize(np.frombuffer(payload, dtype=np.int8), *quant, dtype, shape)
-    # One copy: the payload is immutable, the result must be writable.
-    arr = np.frombuffer(payload, dtype=stage).copy()
+    arr = np.frombuffer(payload, dtype=stage)
+    if not arr.flags.writeable:  # one copy: the payload is immutable, the result must not be
+        arr = arr.copy()
     if kind == "cast":  # widen with torch: far faster than numpy for halves
         halves = torch.from_numpy(arr).view(narrow)
         if exponent == 0:
@@ -518,7 +549,7 @@ def _quantize_params(
     return scales.reshape(view), zeros.reshape(view), 255.0 * largest
 
 
-def _decompress(payload: bytes, expected: int) -> bytes:
+def _decompress(payload: bytes | bytearray, expected: int) -> bytes:
     """Decompress exactly one zstd frame that declares exactly ``expected`` bytes."""
     if payload[:4] != _ZSTD_MAGIC:  # not zstd, or a skippable frame
         raise CodecError("payload is not a standard zstd frame")

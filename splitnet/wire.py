@@ -8,6 +8,7 @@ by ``Chunk`` messages carrying the payload bytes in order (see inference.proto).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from splitnet.errors import CodecError
 from splitnet.v1 import tensor_pb2
@@ -29,22 +30,33 @@ def strip_payloads(tensors: Sequence[tensor_pb2.Tensor], chunk_bytes: int) -> li
     return payloads
 
 
-def iter_chunks(payloads: Sequence[bytes], chunk_bytes: int) -> Iterator[bytes]:
-    """The payloads, concatenated, in pieces of ``chunk_bytes`` (the last may be shorter)."""
-    pending: list[memoryview] = []
-    size = 0
+def iter_chunks(payloads: Sequence[bytes | memoryview], chunk_bytes: int) -> Iterator[memoryview]:
+    """Views of the payloads in order, each at most ``chunk_bytes`` long (no copies).
+
+    A chunk never spans two payloads; the receiver only needs their order and sizes.
+    """
     for p in payloads:
-        view = memoryview(p)
-        while len(view):
-            take = min(chunk_bytes - size, len(view))
-            pending.append(view[:take])
-            size += take
-            view = view[take:]
-            if size == chunk_bytes:
-                yield b"".join(pending)
-                pending, size = [], 0
-    if pending:
-        yield b"".join(pending)
+        view = memoryview(p).cast("B") if isinstance(p, memoryview) else memoryview(p)
+        for start in range(0, len(view), chunk_bytes):
+            yield view[start : start + chunk_bytes]
+
+
+def serialize_stream_message(msg: Any) -> bytes:
+    """Serializer for both stream directions: raw chunks fast, the rest by protobuf."""
+    if isinstance(msg, RawChunk):
+        return serialize_chunk(msg)
+    return bytes(msg.SerializeToString())
+
+
+def stream_parser(message_type: Any) -> Any:
+    """Deserializer for a stream direction: chunk frames as ``RawChunk`` views, the rest
+    parsed by protobuf as ``message_type``.
+    """
+
+    def parse(data: bytes) -> Any:
+        return parse_chunk(data) or message_type.FromString(data)
+
+    return parse
 
 
 class Reassembler:
@@ -76,7 +88,7 @@ class Reassembler:
         """True once every declared byte has arrived."""
         return self._index >= len(self.sizes)
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         """Take the next chunk; raise ``CodecError`` if it overruns the declared sizes."""
         view = memoryview(data)
         while len(view):
@@ -96,3 +108,88 @@ class Reassembler:
         out = [bytearray().join(parts) for parts in self._parts]
         self._parts = [[] for _ in self.sizes]
         return out
+
+
+# ---------------------------------------------------------------- fast chunk frames
+#
+# Chunk messages carry nearly all the bytes of a large request. Serialising them
+# through protobuf copies the data three times (join, set field, serialise) and
+# parsing twice (parse, read field). These functions write and read exactly the bytes
+# protobuf would - StreamRequest/StreamResponse field 2 = Chunk{1: id, 2: data} - with
+# one copy on each side. Anything else goes through protobuf as usual.
+
+_TAG_CHUNK = 0x12  # field 2, length-delimited (same number in StreamRequest and StreamResponse)
+_TAG_ID = 0x08  # Chunk.id: field 1, varint
+_TAG_DATA = 0x12  # Chunk.data: field 2, length-delimited
+
+
+class RawChunk:
+    """A chunk frame outside protobuf: ``id`` and a view of its ``data``."""
+
+    __slots__ = ("data", "id")
+
+    def __init__(self, id: int, data: bytes | memoryview) -> None:  # noqa: A002
+        self.id = id
+        self.data = data
+
+    def WhichOneof(self, _: str) -> str:  # noqa: N802 - mirrors the protobuf message
+        """Answers like a ``StreamRequest`` holding a chunk."""
+        return "raw_chunk"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("bad varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def serialize_chunk(chunk: RawChunk) -> bytes:
+    """The protobuf bytes of ``StreamRequest(chunk=Chunk(id, data))``, one copy."""
+    n = len(chunk.data)
+    inner_head = bytes((_TAG_ID,)) + _varint(chunk.id) if chunk.id else b""
+    if n:  # proto3 leaves out empty fields, and so do we
+        inner_head += bytes((_TAG_DATA,)) + _varint(n)
+    return b"".join((bytes((_TAG_CHUNK,)), _varint(len(inner_head) + n), inner_head, chunk.data))
+
+
+def parse_chunk(data: bytes) -> RawChunk | None:
+    """A zero-copy view of a chunk frame, or None if ``data`` is anything else."""
+    buf = memoryview(data)
+    try:
+        if not buf or buf[0] != _TAG_CHUNK:
+            return None
+        length, pos = _read_varint(buf, 1)
+        if pos + length != len(buf):
+            return None
+        rid = 0
+        if pos < len(buf) and buf[pos] == _TAG_ID:
+            rid, pos = _read_varint(buf, pos + 1)
+        if pos == len(buf):
+            return RawChunk(rid, b"")
+        if buf[pos] != _TAG_DATA:
+            return None
+        n, pos = _read_varint(buf, pos + 1)
+        if pos + n != len(buf):
+            return None
+        return RawChunk(rid, buf[pos:])
+    except ValueError:
+        return None
