@@ -8,6 +8,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_protoc(out: Path) -> None:
+    """Generate Python code (messages, gRPC stubs, type stubs) from proto/ into ``out``."""
+    import subprocess
+    import sys
+
+    protos = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proto").rglob("*.proto"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iproto",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--pyi_out={out}",
+            *protos,
+        ],
+        cwd=ROOT,
+        check=True,
+    )
+
+
 @pytest.fixture(scope="session")
 def digits_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """digits-cnn trained once per test session with the default recipe."""

@@ -10,7 +10,7 @@ import sysconfig
 from pathlib import Path
 
 import torch
-from conftest import ROOT, ServerThread
+from conftest import ServerThread, run_protoc
 
 from splitnet.data import load_digits
 from splitnet.models import load_model
@@ -47,20 +47,7 @@ print(json.dumps({"model": model.name, "cuts": [c.name for c in model.cuts], "id
 def test_client_from_proto_alone(
     digits_server: ServerThread, digits_weights: Path, tmp_path: Path
 ) -> None:
-    protos = [str(p.relative_to(ROOT)) for p in (ROOT / "proto").rglob("*.proto")]
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            "-Iproto",
-            f"--python_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}",
-            *protos,
-        ],
-        cwd=ROOT,
-        check=True,
-    )
+    run_protoc(tmp_path)
     # Make the generated folders regular packages so they shadow the installed splitnet.
     (tmp_path / "splitnet" / "__init__.py").write_text("")
     (tmp_path / "splitnet" / "v1" / "__init__.py").write_text("")

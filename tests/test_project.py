@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_protoc
 
 import splitnet
 
@@ -13,21 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_generated_code_matches_proto(tmp_path: Path) -> None:
-    protos = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proto").rglob("*.proto"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            "-Iproto",
-            f"--python_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}",
-            f"--pyi_out={tmp_path}",
-            *protos,
-        ],
-        cwd=ROOT,
-        check=True,
-    )
+    run_protoc(tmp_path)
     generated = sorted(tmp_path.rglob("*_pb2*.py*"))
     assert generated
     for new in generated:
