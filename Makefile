@@ -11,7 +11,7 @@ PROTOS := $(wildcard proto/splitnet/v1/*.proto)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt setuptools
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt 'setuptools>=77'
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation \
 		-c constraints.txt -e '.[dev,vision]'
 	touch $(STAMP)
@@ -58,7 +58,7 @@ bench-overhead: $(STAMP)
 
 # Re-pin the development set after changing dependencies.
 lock: $(STAMP)
-	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.new
+	{ head -n 2 constraints.txt; $(PY) -m pip freeze --all --exclude-editable | grep -v '^pip=='; } > constraints.new
 	mv constraints.new constraints.txt
 
 clean:
