@@ -455,3 +455,54 @@ def test_sigterm_stops_cleanly(server_process: ServerProcess) -> None:
     assert server_process.terminate() == 0
     assert server_process.proc.stdout is not None
     assert "stopped after" in server_process.proc.stdout.read()
+
+
+def test_edge_cli_test_set_and_files(
+    digits_server: ServerThread, digits_weights: Path, local, tmp_path: Path, test_split
+) -> None:
+    import json
+
+    import numpy as np
+
+    base = [
+        sys.executable,
+        "-m",
+        "edge.cli",
+        "run",
+        "--server",
+        digits_server.address,
+        "--model",
+        "digits-cnn",
+        "--weights",
+        str(digits_weights),
+    ]
+    out = subprocess.run(
+        base + ["--cut", "pool1", "--codec", "int8+zstd:1", "--limit", "40"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "accuracy" in out.stdout and "cloud compute" in out.stdout and "p90" in out.stdout
+
+    x = test_split[0][:3]
+    np.save(tmp_path / "three.npy", x.numpy())
+    pil = pytest.importorskip("PIL.Image")
+    pixels = (x[0, 0].numpy() * 255).astype("uint8")
+    pil.fromarray(pixels).resize((32, 32)).save(tmp_path / "digit.png")
+    out = subprocess.run(
+        base + ["--json", str(tmp_path / "three.npy"), str(tmp_path / "digit.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["predictions"][0] == local(x).argmax(1).tolist()
+    assert doc["agreement"] == 1.0 and doc["requests"] == 2
+
+    bad = subprocess.run(
+        base + [str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "unsupported input type" in bad.stderr
+    assert "Traceback" not in bad.stderr
