@@ -373,20 +373,19 @@ class EdgeClient:
         request.fingerprint = self.fingerprint
         request.output_codec = self.output_codec
         parts = [encode_parts(t, self.codec) for t in frontier]
-        payloads: list[bytes | memoryview] | None = [p for _, p in parts]
         request.frontier.extend(header for header, _ in parts)
-        assert payloads is not None
+        payloads = [p for _, p in parts]
         total = sum(len(p) for p in payloads)
-        if chunk_bytes is not None and total > chunk_bytes:
+        chunked = chunk_bytes is not None and total > chunk_bytes
+        if chunked:
             request.chunked_payload_bytes.extend(len(p) for p in payloads)
         else:
             for t, p in zip(request.frontier, payloads, strict=True):
                 t.payload = p if isinstance(p, bytes) else p.tobytes()
-            payloads = None
         t2 = time.perf_counter()
         timing.edge_ms, timing.encode_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        timing.bytes_sent = request.ByteSize() + total * (payloads is not None)
-        return timing, payloads
+        timing.bytes_sent = request.ByteSize() + (total if chunked else 0)
+        return timing, payloads if chunked else None
 
     def _finish(
         self,

@@ -13,7 +13,17 @@ from typing import Any
 from splitnet.errors import CodecError
 from splitnet.v1 import tensor_pb2
 
-__all__ = ["CHUNK_BYTES", "Reassembler", "iter_chunks", "strip_payloads"]
+__all__ = [
+    "CHUNK_BYTES",
+    "RawChunk",
+    "Reassembler",
+    "iter_chunks",
+    "parse_chunk",
+    "serialize_chunk",
+    "serialize_stream_message",
+    "stream_parser",
+    "strip_payloads",
+]
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: gRPC Python streams messages of this size fastest
 
