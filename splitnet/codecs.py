@@ -8,7 +8,8 @@ joined by ``+``::
     fp16, bf16     cast floats to 16 bits (fp16 after scaling by a power of two
                    when the values are tiny or large, so they keep 11 bits)
     int8           affine int8, one scale per tensor
-    int8c          affine int8, one scale per channel (axis 1)
+    int8c          affine int8, one scale per channel (axis 1); per tensor where channels
+                   hold fewer than 16 values each (their parameters would outweigh them)
     int8+zstd:1    chains: precision first, then zstd
 
 Precision steps apply to floating tensors only; other dtypes travel losslessly.
@@ -85,6 +86,7 @@ _NUMPY_HOLDER: dict[torch.dtype, np.dtype] = {
     torch.bool: np.dtype("?"),
 }
 _CODES = np.dtype("i1")  # int8 quantization codes
+_MIN_PER_CHANNEL = 16  # int8c: fewest values per channel worth a scale of their own
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _WIDE = (torch.float32, torch.float64)  # the dtypes a cast step narrows
 # Largest finite value of each cast target: a finite input beyond it (for fp16, beyond
@@ -333,7 +335,9 @@ def _apply_precision(t: torch.Tensor, precision: str, msg: pb.Tensor) -> np.ndar
     # decoder inverts exactly what the encoder did; |error| <= scale / 2 + rounding.
     x = t if t.dtype in _WIDE else t.float()
     q = msg.steps.add().quantize
-    if precision == "int8c" and x.dim() >= 2:
+    # Per channel only where each channel has enough values to pay for its own scale
+    # and zero point (8 bytes); elsewhere (e.g. a 1 x 128 feature vector) per tensor.
+    if precision == "int8c" and x.dim() >= 2 and x.numel() >= _MIN_PER_CHANNEL * x.shape[1] > 0:
         codes = _quantize_per_channel(x, q)
     else:
         codes = _quantize_per_tensor(x, q, precision)

@@ -17,8 +17,9 @@ from splitnet.report import sample_input
 LOSSLESS = ["raw", "zstd:1"]
 # Worst error allowed on the model's output, relative to its largest magnitude.
 # Measured worst cases over every cut of the models below: fp16 4e-4, bf16 2.6e-3,
-# int8 1.0e-2, int8c 3.4e-3; the tolerances leave about 3x headroom.
-TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "int8": 3e-2, "int8c": 1e-2}
+# int8 1.0e-2, int8c 1.0e-2 (per tensor on small channels, like int8); the tolerances
+# leave about 3x headroom.
+TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "int8": 3e-2, "int8c": 3e-2}
 
 
 def _flat(value: Any) -> list[torch.Tensor]:
