@@ -29,7 +29,7 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
 
-$(WEIGHTS): $(STAMP)
+$(WEIGHTS): | $(STAMP)
 	$(VENV)/bin/splitnet train digits-cnn --out $(WEIGHTS)
 
 # The main job: train (once), show the cuts, then serve the tail and run the edge
