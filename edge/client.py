@@ -20,19 +20,22 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
+from edge.auto import DEFAULT_CODECS, AutoPlan, calibrate_agreement, measure_rtt
 from splitnet.codecs import decode, encode_parts, parse_codec
 from splitnet.errors import ModelMismatchError, RemoteError, SplitNetError
 from splitnet.models import fingerprint, load_model, resolve
-from splitnet.partition import trace
+from splitnet.partition import OUTPUT, trace
+from splitnet.planning import LinkEstimate, Prediction
 from splitnet.report import sample_input
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.v1 import inference_pb2_grpc as pb_grpc
@@ -49,6 +52,7 @@ __all__ = ["EdgeClient", "InferResult", "Timing"]
 
 logger = logging.getLogger(__name__)
 
+AUTO = "auto"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 # RemoteError.code names for which the cloud counts as unreachable (fallback applies).
 UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
@@ -81,6 +85,7 @@ class InferResult:
     codec: str
     timing: Timing = field(default_factory=Timing)
     fallback: bool = False  # True: computed entirely on the device (cloud unreachable)
+    prediction: Prediction | None = None  # cut="auto": the plan in force, with its breakdown
 
 
 class EdgeClient:
@@ -104,11 +109,18 @@ class EdgeClient:
         window: int = 8,
         model_name: str | None = None,
         reconnect_wait_s: float = 1.0,
+        codecs: Sequence[str] = DEFAULT_CODECS,
+        link: LinkEstimate | None = None,
+        accuracy_budget: float = 0.005,
+        calibration: torch.Tensor | None = None,
+        edge_slowdown: float = 1.0,
     ) -> None:
         if fallback not in ("error", "local"):
             raise ValueError("fallback must be 'error' or 'local'")
-        if deadline_s <= 0 or retries < 0 or window < 1:
-            raise ValueError("deadline_s must be > 0, retries >= 0, window >= 1")
+        if deadline_s <= 0 or retries < 0 or window < 1 or edge_slowdown < 1:
+            raise ValueError(
+                "deadline_s must be > 0, retries >= 0, window >= 1, edge_slowdown >= 1"
+            )
         if isinstance(model, str):
             spec = resolve(model, input_shape)
             self.model_name = model_name or model
@@ -130,8 +142,16 @@ class EdgeClient:
         self.reconnect_wait_s = reconnect_wait_s
         self.fingerprint = fingerprint(self.model)
         self.graph = trace(self.model, (sample_input(self.input_shape),))
-        self.cut = self.graph.cut(cut).name
+        self.edge_slowdown = edge_slowdown  # >1 emulates a slower device: head time x F
+        # cut="auto": planned at connect, re-planned as the link moves (see edge.auto).
+        self.auto: AutoPlan | None = None
+        self._auto_args = (
+            (tuple(codecs), link, accuracy_budget, calibration) if cut == AUTO else None
+        )
+        self.cut = self.graph.cut("input" if cut == AUTO else cut).name
+        self.codec = str(parse_codec(codec))
         self.head, _ = self.graph.split(self.cut)
+        self._current = (self.cut, self.codec, self.head)
         self._ids = itertools.count(1)
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.SplitInferenceStub | None = None
@@ -158,6 +178,7 @@ class EdgeClient:
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         self._channel = grpc.insecure_channel(self.target, options=options)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stub = pb_grpc.SplitInferenceStub(self._channel)
         # As generated, but chunk frames skip protobuf's copies (same bytes on the wire).
         self._infer_stream = self._channel.stream_stream(
@@ -167,6 +188,8 @@ class EdgeClient:
         )
         try:
             self.refresh_info()
+            if self._auto_args is not None:
+                self._plan()
         except RemoteError as e:
             if self.fallback == "local" and e.code in UNREACHABLE:
                 logger.warning("cloud %s unreachable (%s); will fall back to local", self.target, e)
@@ -190,6 +213,45 @@ class EdgeClient:
         self.server_info = info
         return info
 
+    def _plan(self) -> None:
+        codecs, link, budget, calibration = self._auto_args  # type: ignore[misc]
+        if calibration is None and self.input_shape[1:] == (1, 8, 8):
+            from splitnet.data import load_digits
+
+            calibration = load_digits()["val"].x  # the digits model's own validation set
+        agreement = (
+            calibrate_agreement(self.model, self.graph, calibration, codecs)
+            if calibration is not None
+            else None
+        )
+        if link is None:
+            rtt = measure_rtt(self._probe_health)
+            link = LinkEstimate(up_mbit=100.0, down_mbit=100.0, rtt_ms=rtt)
+        assert self.server_info is not None
+        self.auto = AutoPlan.build(
+            self.graph,
+            sample_input(self.input_shape),
+            self.server_info,
+            codecs=codecs,
+            prior=link,
+            accuracy_budget=budget,
+            agreement=agreement,
+            edge_slowdown=self.edge_slowdown,
+        )
+        self._follow_plan()
+
+    def _follow_plan(self) -> None:
+        assert self.auto is not None and self.auto.prediction is not None
+        p = self.auto.prediction
+        if (p.cut, p.codec) != (self.cut, self.codec):
+            self.use(cut=p.cut, codec=self.codec if p.codec == "none" else p.codec)
+
+    def _probe_health(self) -> None:
+        self._health.Check(health_pb2.HealthCheckRequest(), timeout=self.deadline_s)
+
+    def _probe_rtt(self) -> float:
+        return measure_rtt(self._probe_health, n=1)
+
     def close(self) -> None:
         """Close the channel."""
         if self._channel is not None:
@@ -204,18 +266,24 @@ class EdgeClient:
 
     def use(self, cut: str | None = None, codec: str | None = None) -> None:
         """Switch to another cut and/or codec for the next requests."""
-        if cut is not None:
-            self.cut = self.graph.cut(cut).name
-            self.head, _ = self.graph.split(self.cut)
-        if codec is not None:
-            self.codec = str(parse_codec(codec))
+        new_cut = self.cut if cut is None else self.graph.cut(cut).name
+        head = self.head if new_cut == self.cut else self.graph.split(new_cut)[0]
+        new_codec = self.codec if codec is None else str(parse_codec(codec))
+        # One assignment, read once per request: a pipelined stream never mixes them.
+        self._current = (new_cut, new_codec, head)
+        self.cut, self.codec, self.head = self._current
 
     # ---------------------------------------------------------- one call
     def infer(self, x: torch.Tensor) -> InferResult:
         """Run ``x`` (a batch) through head, wire and tail; retry, then fall back if asked."""
+        if self.cut == OUTPUT:  # everything on the device: nothing to send
+            result = self._local(x, reason=None)
+            if self.auto is not None:
+                self.auto.observe_local()
+            return result
         t0 = time.perf_counter()
         request = pb.InferRequest()
-        timing, _ = self._prepare(x, next(self._ids), request)
+        timing, _, codec = self._prepare(x, next(self._ids), request)
         sent = time.perf_counter()
         try:
             resp = self._call(
@@ -227,7 +295,22 @@ class EdgeClient:
             if self.fallback == "local" and e.code in UNREACHABLE:
                 return self._local(x, reason=str(e))
             raise
-        return self._finish(resp, None, timing, t0, sent)
+        return self._learn(self._finish(resp, None, timing, t0, sent, request.cut, codec))
+
+    def _learn(self, result: InferResult) -> InferResult:
+        """Feed the planner (cut="auto") and follow a new plan."""
+        if self.auto is not None and not result.fallback:
+            t = result.timing
+            self.auto.observe(
+                network_ms=t.network_ms,
+                bytes_up=t.bytes_sent,
+                bytes_down=t.bytes_received,
+                queue_ms=t.queue_ms,
+                probe_rtt=self._probe_rtt,
+            )
+            result.prediction = self.auto.prediction
+            self._follow_plan()
+        return result
 
     def _call(self, fn: Any) -> Any:
         """Call ``fn(timeout, wait_for_ready)`` within the deadline, retrying UNAVAILABLE.
@@ -271,6 +354,9 @@ class EdgeClient:
         without an answer are retried on a fresh stream, then fall back or raise.
         """
         todo = list(xs)
+        if self.cut == OUTPUT:  # planned all on the device: nothing to stream
+            yield from (self.infer(x) for x in todo)
+            return
         done = 0
         attempt = 0
         while done < len(todo):
@@ -294,7 +380,7 @@ class EdgeClient:
     def _stream(self, xs: list[torch.Tensor]) -> Iterator[InferResult]:
         slots = threading.Semaphore(self.window)
         stop = threading.Event()
-        prepared: queue.Queue[tuple[int, Timing, float, float]] = queue.Queue()
+        prepared: queue.Queue[tuple[int, Timing, float, float, str, str]] = queue.Queue()
 
         def requests() -> Iterator[pb.StreamRequest | RawChunk]:
             for x in xs:
@@ -304,8 +390,8 @@ class EdgeClient:
                 t0 = time.perf_counter()
                 rid = next(self._ids)
                 msg = pb.StreamRequest()  # built in place: wrapping would copy the payloads
-                timing, payloads = self._prepare(x, rid, msg.request, self.chunk_bytes)
-                prepared.put((rid, timing, t0, time.perf_counter()))
+                timing, payloads, codec = self._prepare(x, rid, msg.request, self.chunk_bytes)
+                prepared.put((rid, timing, t0, time.perf_counter(), msg.request.cut, codec))
                 yield msg
                 if payloads is not None:  # views of the payloads, copied once on send
                     for data in iter_chunks(payloads, self.chunk_bytes):
@@ -334,11 +420,11 @@ class EdgeClient:
                 else:
                     raise SplitNetError("server sent a chunk nobody announced")
                 assert pending is not None
-                rid, timing, t0, sent = prepared.get(timeout=self.deadline_s)
+                rid, timing, t0, sent, cut, codec = prepared.get(timeout=self.deadline_s)
                 if pending.id != rid:
                     raise SplitNetError(f"server answered request {pending.id}, expected {rid}")
                 payloads = assembler.payloads() if assembler is not None else None
-                result = self._finish(pending, payloads, timing, t0, sent)
+                result = self._learn(self._finish(pending, payloads, timing, t0, sent, cut, codec))
                 assembler = pending = None
                 answered += 1
                 slots.release()
@@ -356,23 +442,26 @@ class EdgeClient:
     # ------------------------------------------------------------ pieces
     def _prepare(
         self, x: torch.Tensor, rid: int, request: pb.InferRequest, chunk_bytes: int | None = None
-    ) -> tuple[Timing, list[bytes | memoryview] | None]:
-        """Run the head on ``x`` and fill ``request`` with the encoded frontier.
+    ) -> tuple[Timing, list[bytes | memoryview] | None, str]:
+        """Run the head on ``x`` and fill ``request`` with the encoded frontier; return
+        the timing, the payloads left for chunks (or None) and the codec used.
 
         With ``chunk_bytes`` (streams), payloads larger than that together are left out
         of the request and returned, to be sent as chunks; otherwise None is returned.
         """
+        cut, codec, head = self._current
         timing = Timing()
         t0 = time.perf_counter()
         with torch.no_grad():
-            frontier = self.head(x)
+            frontier = head(x)
+        self._slow_down(t0)
         t1 = time.perf_counter()
         request.id = rid
         request.model = self.model_name
-        request.cut = self.cut
+        request.cut = cut
         request.fingerprint = self.fingerprint
         request.output_codec = self.output_codec
-        parts = [encode_parts(t, self.codec) for t in frontier]
+        parts = [encode_parts(t, codec) for t in frontier]
         request.frontier.extend(header for header, _ in parts)
         payloads = [p for _, p in parts]
         total = sum(len(p) for p in payloads)
@@ -385,7 +474,7 @@ class EdgeClient:
         t2 = time.perf_counter()
         timing.edge_ms, timing.encode_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         timing.bytes_sent = request.ByteSize() + (total if chunked else 0)
-        return timing, payloads if chunked else None
+        return timing, payloads if chunked else None, codec
 
     def _finish(
         self,
@@ -394,6 +483,8 @@ class EdgeClient:
         timing: Timing,
         t0: float,
         sent: float,
+        cut: str,
+        codec: str,
     ) -> InferResult:
         received = time.perf_counter()
         if resp.HasField("error"):
@@ -413,16 +504,31 @@ class EdgeClient:
         timing.network_ms = max(0.0, (received - sent) * 1e3 - st.total_ms)
         timing.bytes_received = resp.ByteSize()
         output: Any = outputs[0] if len(outputs) == 1 else tuple(outputs)
-        return InferResult(output=output, cut=self.cut, codec=self.codec, timing=timing)
+        return InferResult(output=output, cut=cut, codec=codec, timing=timing)
 
-    def _local(self, x: torch.Tensor, reason: str) -> InferResult:
-        logger.warning("cloud unreachable (%s): running %s locally", reason, self.model_name)
+    def _local(self, x: torch.Tensor, reason: str | None) -> InferResult:
+        """The whole model on the device: planned (``reason`` None) or a fallback."""
+        if reason is not None:
+            logger.warning("cloud unreachable (%s): running %s locally", reason, self.model_name)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = self.model(x)
+        self._slow_down(t0)
         ms = (time.perf_counter() - t0) * 1e3
         timing = Timing(edge_ms=ms, total_ms=ms)
-        return InferResult(output=out, cut="output", codec="none", timing=timing, fallback=True)
+        return InferResult(
+            output=out,
+            cut=OUTPUT,
+            codec="none",
+            timing=timing,
+            fallback=reason is not None,
+            prediction=self.auto.prediction if self.auto is not None else None,
+        )
+
+    def _slow_down(self, started: float) -> None:
+        """Emulate a device ``edge_slowdown`` times slower than this machine."""
+        if self.edge_slowdown > 1:
+            time.sleep((time.perf_counter() - started) * (self.edge_slowdown - 1))
 
 
 def _code_tuple(number: int) -> tuple[int, str]:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cloud.config import ModelEntry, ServerConfig
 from cloud.runtime import TailRuntime
 from edge.client import EdgeClient
-from splitnet import RemoteError, encode
+from splitnet import RemoteError, decode, encode
 from splitnet.data import load_digits
 from splitnet.models import load_model
 from splitnet.v1 import inference_pb2 as pb
@@ -60,7 +60,17 @@ def test_every_digits_cut_is_exact(
                 assert torch.equal(result.output, want), (cut, codec)
                 assert result.cut == cut and not result.fallback
                 t = result.timing
-                assert t.total_ms > 0 and t.cloud_ms >= 0 and t.batch_size == 3
+                if cut == "output":  # all on the device: nothing is sent
+                    assert t.bytes_sent == 0 and t.total_ms > 0
+                else:
+                    assert t.total_ms > 0 and t.cloud_ms >= 0 and t.batch_size == 3
+        # The server serves the "output" cut too (its tail returns what it is sent).
+        fp = client.fingerprint
+        request = pb.InferRequest(
+            model="digits-cnn", cut="output", fingerprint=fp, frontier=[encode(want)]
+        )
+        out = _stub(digits_server.address).Infer(request, timeout=10).outputs[0]
+        assert torch.equal(decode(out), want)
         client.use(cut="pool1", codec="int8+zstd:1")
         lossy = client.infer(x).output
         assert torch.equal(lossy.argmax(1), want.argmax(1))
