@@ -2,17 +2,16 @@
 
 At connect time the device profiles the model (head latency per cut, bytes and
 encode/decode time per cut and codec, all on a real input), the server's
-``GetModelInfo`` gives the tail latency per cut, and payload-free health checks give
-the round trip time. Every response then feeds ``LinkEstimator``; when an estimate
-moves by 25% the planner chooses again. The choice and its predicted breakdown are
-reported (``AutoPlan.prediction``, ``AutoPlan.history``).
+``GetModelInfo`` gives the tail latency per cut, and probes (requests with almost no
+payload and no compute) give the per-request round trip. Every response then feeds
+``LinkEstimator``; when an estimate moves by 25% the planner chooses again. The choice
+and its predicted breakdown are reported (``AutoPlan.prediction``, ``AutoPlan.history``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from splitnet.planning import CostTable, LinkEstimate, LinkEstimator, Planner, P
 from splitnet.planning import measure_costs as _measure
 from splitnet.v1 import inference_pb2 as pb
 
-__all__ = ["AutoPlan", "calibrate_agreement", "measure_rtt"]
+__all__ = ["AutoPlan", "calibrate_agreement"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +130,3 @@ class AutoPlan:
         about the link, but probe it now and then so a better link is noticed.
         """
         self.requests += 1
-
-
-def measure_rtt(probe: Callable[[], None], n: int = 3) -> float:
-    """Median round trip of ``n`` payload-free calls, in ms."""
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        probe()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]

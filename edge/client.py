@@ -18,6 +18,7 @@ import itertools
 import logging
 import queue
 import random
+import statistics
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,11 +28,10 @@ from typing import Any
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
-from edge.auto import DEFAULT_CODECS, AutoPlan, calibrate_agreement, measure_rtt
-from splitnet.codecs import decode, encode_parts, parse_codec
+from edge.auto import DEFAULT_CODECS, AutoPlan, calibrate_agreement
+from splitnet.codecs import decode, encode, encode_parts, parse_codec, torch_dtype
 from splitnet.errors import ModelMismatchError, RemoteError, SplitNetError
 from splitnet.models import fingerprint, load_model, resolve
 from splitnet.partition import OUTPUT, trace
@@ -178,7 +178,6 @@ class EdgeClient:
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         self._channel = grpc.insecure_channel(self.target, options=options)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stub = pb_grpc.SplitInferenceStub(self._channel)
         # As generated, but chunk frames skip protobuf's copies (same bytes on the wire).
         self._infer_stream = self._channel.stream_stream(
@@ -225,7 +224,7 @@ class EdgeClient:
             else None
         )
         if link is None:
-            rtt = measure_rtt(self._probe_health)
+            rtt = statistics.median(self._probe_rtt() for _ in range(5))
             link = LinkEstimate(up_mbit=100.0, down_mbit=100.0, rtt_ms=rtt)
         assert self.server_info is not None
         self.auto = AutoPlan.build(
@@ -246,11 +245,21 @@ class EdgeClient:
         if (p.cut, p.codec) != (self.cut, self.codec):
             self.use(cut=p.cut, codec=self.codec if p.codec == "none" else p.codec)
 
-    def _probe_health(self) -> None:
-        self._health.Check(health_pb2.HealthCheckRequest(), timeout=self.deadline_s)
-
     def _probe_rtt(self) -> float:
-        return measure_rtt(self._probe_health, n=1)
+        """Network time (ms) of a request with almost no payload and no compute: the
+        model's own outputs sent at the ``output`` cut. It carries every per-request
+        cost of the transport, which a bare ping would miss.
+        """
+        assert self.server_info is not None
+        cut = self.server_info.cuts[-1]
+        request = pb.InferRequest(model=self.model_name, cut=cut.name, fingerprint=self.fingerprint)
+        for spec in cut.frontier:
+            dtype = torch_dtype(spec.dtype)
+            request.frontier.append(encode(torch.zeros(list(spec.shape), dtype=dtype)))
+        t0 = time.perf_counter()
+        resp = self._stub_().Infer(request, timeout=self.deadline_s)
+        elapsed = (time.perf_counter() - t0) * 1e3
+        return max(0.0, elapsed - resp.timing.total_ms)
 
     def close(self) -> None:
         """Close the channel."""

@@ -49,6 +49,7 @@ __all__ = [
     "encode",
     "encode_parts",
     "parse_codec",
+    "torch_dtype",
     "wire_dtype",
 ]
 
@@ -205,6 +206,14 @@ def wire_dtype(dtype: torch.dtype) -> int:
     if value is None:
         raise CodecError(f"dtype {dtype} cannot go on the wire")
     return value
+
+
+def torch_dtype(value: int) -> torch.dtype:
+    """The torch dtype of a wire ``DType`` value; ``CodecError`` if unknown."""
+    dtype = _WIRE_TO_TORCH.get(value)  # type: ignore[call-overload]
+    if dtype is None:
+        raise CodecError(f"unknown or unsupported dtype value {value}")
+    return dtype
 
 
 # ---------------------------------------------------------------------------- encode

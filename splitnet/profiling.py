@@ -1,8 +1,10 @@
-"""Profiling: how long the head and the tail take at every cut, from one kind of run.
+"""Profiling: how long the head and the tail take at every cut.
 
-Each node of the traced graph is timed while the whole model runs (median over
-``runs`` after a warm-up), so one pass prices every cut: the head of a cut costs the
-sum of the nodes up to it, the tail the sum of the rest.
+``profile_cuts`` runs the real head and tail modules of every cut (median of ``runs``
+after a warm-up), so module-call overheads count as they will when serving.
+``estimate_cuts`` is the quick alternative: it times each node once while the whole
+graph runs in an interpreter and sums them (one pass for all cuts, but the
+interpreter's per-node cost inflates small models).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.fx as fx
 
 from splitnet.partition import SplitGraph
 
-__all__ = ["CutProfile", "profile_cuts"]
+__all__ = ["CutProfile", "estimate_cuts", "profile_cuts"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,44 @@ class _Timer(fx.Interpreter):
         return value
 
 
+def _median_ms(fn: Any, runs: int, sync: bool) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def profile_cuts(
     graph: SplitGraph, inputs: tuple[torch.Tensor, ...], *, runs: int = 5, warmup: int = 1
 ) -> list[CutProfile]:
-    """Per-cut head and tail latency (ms) of ``graph`` on ``inputs``."""
+    """Per-cut head and tail latency (ms) of ``graph`` on ``inputs``, measured on the
+    real halves (batch and shape as in ``inputs``).
+    """
+    sync = any(t.is_cuda for t in inputs)
+    out = []
+    for cut in graph.cuts:
+        head, tail = graph.split(cut.name)
+        if sync:
+            head, tail = head.to(inputs[0].device), tail.to(inputs[0].device)
+        frontier = head(*inputs)
+        for _ in range(warmup):
+            tail(*frontier)
+        head_ms = _median_ms(lambda h=head: h(*inputs), max(1, runs), sync)
+        tail_ms = _median_ms(lambda t=tail, f=frontier: t(*f), max(1, runs), sync)
+        out.append(CutProfile(cut.name, head_ms, tail_ms))
+    return out
+
+
+@torch.no_grad()
+def estimate_cuts(
+    graph: SplitGraph, inputs: tuple[torch.Tensor, ...], *, runs: int = 5, warmup: int = 1
+) -> list[CutProfile]:
+    """Per-cut head and tail latency (ms) from one timed interpreter pass per run."""
     sync = any(t.is_cuda for t in inputs)
     samples: dict[fx.Node, list[float]] = {}
     for i in range(warmup + max(1, runs)):
