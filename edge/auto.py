@@ -106,7 +106,7 @@ class AutoPlan:
     def observe(
         self,
         *,
-        network_ms: float,
+        residual_ms: float,
         bytes_up: int,
         bytes_down: int,
         queue_ms: float,
@@ -119,7 +119,7 @@ class AutoPlan:
                 self.estimator.observe_rtt(probe_rtt())
             except Exception as e:  # a failed probe must not fail the request
                 logger.debug("rtt probe failed: %s", e)
-        self.estimator.observe(network_ms, bytes_up, bytes_down, queue_ms)
+        self.estimator.observe(residual_ms, bytes_up, bytes_down, queue_ms)
         assert self.prediction is not None
         if self.estimator.should_replan():
             return self.replan()

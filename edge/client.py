@@ -224,7 +224,7 @@ class EdgeClient:
             else None
         )
         if link is None:
-            rtt = statistics.median(self._probe_rtt() for _ in range(5))
+            rtt = statistics.median(self.probe_rtt() for _ in range(5))
             link = LinkEstimate(up_mbit=100.0, down_mbit=100.0, rtt_ms=rtt)
         assert self.server_info is not None
         self.auto = AutoPlan.build(
@@ -245,10 +245,10 @@ class EdgeClient:
         if (p.cut, p.codec) != (self.cut, self.codec):
             self.use(cut=p.cut, codec=self.codec if p.codec == "none" else p.codec)
 
-    def _probe_rtt(self) -> float:
-        """Network time (ms) of a request with almost no payload and no compute: the
-        model's own outputs sent at the ``output`` cut. It carries every per-request
-        cost of the transport, which a bare ping would miss.
+    def probe_rtt(self) -> float:
+        """Round trip (ms) of a request with almost no payload and no compute: the
+        model's own outputs sent at the ``output`` cut. It carries every fixed cost of
+        a request (network, transport, serving), which a bare ping would miss.
         """
         assert self.server_info is not None
         cut = self.server_info.cuts[-1]
@@ -257,9 +257,8 @@ class EdgeClient:
             dtype = torch_dtype(spec.dtype)
             request.frontier.append(encode(torch.zeros(list(spec.shape), dtype=dtype)))
         t0 = time.perf_counter()
-        resp = self._stub_().Infer(request, timeout=self.deadline_s)
-        elapsed = (time.perf_counter() - t0) * 1e3
-        return max(0.0, elapsed - resp.timing.total_ms)
+        self._stub_().Infer(request, timeout=self.deadline_s)
+        return (time.perf_counter() - t0) * 1e3
 
     def close(self) -> None:
         """Close the channel."""
@@ -288,6 +287,7 @@ class EdgeClient:
         if self.cut == OUTPUT:  # everything on the device: nothing to send
             result = self._local(x, reason=None)
             if self.auto is not None:
+                self.auto.planner.observe_edge(OUTPUT, result.timing.edge_ms)
                 self.auto.observe_local()
             return result
         t0 = time.perf_counter()
@@ -310,12 +310,18 @@ class EdgeClient:
         """Feed the planner (cut="auto") and follow a new plan."""
         if self.auto is not None and not result.fallback:
             t = result.timing
+            est = self.auto.estimator.estimate
+            self.auto.planner.observe_edge(result.cut, t.edge_ms)
+            priced = self.auto.planner.predict(result.cut, result.codec, est)
+            # What the cost table does not price: the link and the fixed per-request cost.
+            residual = t.total_ms - t.edge_ms - t.encode_ms - t.decode_ms - t.queue_ms
+            residual -= priced.decode_ms + priced.cloud_ms
             self.auto.observe(
-                network_ms=t.network_ms,
+                residual_ms=residual,
                 bytes_up=t.bytes_sent,
                 bytes_down=t.bytes_received,
                 queue_ms=t.queue_ms,
-                probe_rtt=self._probe_rtt,
+                probe_rtt=self.probe_rtt,
             )
             result.prediction = self.auto.prediction
             self._follow_plan()

@@ -128,6 +128,17 @@ class Planner:
     def __init__(self, table: CostTable, *, accuracy_budget: float = 0.005) -> None:
         self.table = table
         self.accuracy_budget = accuracy_budget
+        # Measured edge time / profiled edge time, learned from live requests: a model
+        # run between network waits is slower than in a tight profiling loop (caches and
+        # threads go cold), and the device may be busy with other work.
+        self.edge_scale = 1.0
+
+    def observe_edge(self, cut: str, measured_ms: float, alpha: float = 0.3) -> None:
+        """Calibrate ``edge_scale`` from one request's measured edge time at ``cut``."""
+        profiled = self.table.edge_ms.get(cut, 0.0)
+        if profiled > 0.05 and measured_ms > 0:
+            ratio = min(max(measured_ms / profiled, 0.2), 20.0)
+            self.edge_scale = (1 - alpha) * self.edge_scale + alpha * ratio
 
     def allowed(self, cut: str, codec: str) -> bool:
         """Lossless always; lossy only where calibrated within the accuracy budget."""
@@ -144,12 +155,13 @@ class Planner:
         """The latency model for one choice."""
         t = self.table
         if cut == OUTPUT:
-            return Prediction(OUTPUT, "none", t.edge_ms[OUTPUT], 0, 0, 0, 0, 0, 0, 0, 0)
+            edge = t.edge_ms[OUTPUT] * self.edge_scale
+            return Prediction(OUTPUT, "none", edge, 0, 0, 0, 0, 0, 0, 0, 0)
         pair = t.pairs[(cut, codec)]
         return Prediction(
             cut=cut,
             codec=codec,
-            edge_ms=t.edge_ms[cut],
+            edge_ms=t.edge_ms[cut] * self.edge_scale,
             encode_ms=pair.encode_ms,
             up_ms=pair.bytes_up * 8 / (link.up_mbit * 1e3),
             rtt_ms=link.rtt_ms,
@@ -239,10 +251,13 @@ def measure_costs(
 class LinkEstimator:
     """Online estimates of bandwidth, RTT and queue from request timings.
 
-    ``observe_rtt`` takes round trips of payload-free probes; ``observe`` takes each
-    request's network time (end to end minus everything measured on either side) and
-    its byte counts. Bandwidth samples come only from requests whose transfer time is
-    a meaningful share of the network time. Estimates are exponentially weighted.
+    ``rtt_ms`` is the fixed cost of one request: the network round trip plus what the
+    transport and the server spend on any request (measured by probes that carry
+    almost nothing). ``observe`` takes each request's *residual*: its end-to-end time
+    minus the parts the cost table prices (edge, encode, decode, cloud) and the queue,
+    so the model stays calibrated to what requests really cost. Bandwidth samples come
+    only from requests whose transfer is a real share of the residual. Estimates are
+    exponentially weighted (bandwidth in log space).
     """
 
     prior: LinkEstimate
@@ -264,23 +279,29 @@ class LinkEstimator:
         return (1 - self.alpha) * old + self.alpha * new
 
     def observe_rtt(self, rtt_ms: float) -> None:
-        """A payload-free round trip (for example a health check)."""
+        """The round trip of a probe that carries almost nothing."""
         self.rtt_ms = self._ewma(self.rtt_ms, max(rtt_ms, 0.0))
 
-    def observe(self, network_ms: float, bytes_up: int, bytes_down: int, queue_ms: float) -> None:
-        """One request: its network time, what it sent and received, its server queue."""
+    def observe(self, residual_ms: float, bytes_up: int, bytes_down: int, queue_ms: float) -> None:
+        """One request: its residual time (see the class), its bytes, its server queue."""
         self.queue_ms = self._ewma(self.queue_ms, max(queue_ms, 0.0))
+        if bytes_up <= 0:
+            return
         down_ms = bytes_down * 8 / (self.down_mbit * 1e3)
-        transfer_ms = network_ms - self.rtt_ms - down_ms
+        transfer_ms = residual_ms - self.rtt_ms - down_ms
         expected_ms = bytes_up * 8 / (self.up_mbit * 1e3)
-        # Trust the sample only where the upload is a real share of the network time.
-        if bytes_up > 0 and transfer_ms > 0.2 * max(network_ms, 1e-6) and transfer_ms > 0.5:
-            sample = bytes_up * 8 / (transfer_ms * 1e3)
-            self.up_mbit = math.exp(self._ewma(math.log(self.up_mbit), math.log(sample)))
-        elif expected_ms > 2 * max(network_ms - self.rtt_ms, 0.5):
-            # Much faster than we thought: the link got better; move up at once.
-            sample = bytes_up * 8 / (max(network_ms - self.rtt_ms, 0.5) * 1e3)
-            self.up_mbit = math.exp(self._ewma(math.log(self.up_mbit), math.log(sample)))
+        if transfer_ms > 0.25 * max(residual_ms, 1e-6) and transfer_ms > 0.5:
+            sample = bytes_up * 8 / (transfer_ms * 1e3)  # the upload is measurable
+        elif expected_ms > 2 * max(transfer_ms, 0.5):
+            # Far faster than expected: the link got better; move up.
+            sample = bytes_up * 8 / (max(transfer_ms, 0.5) * 1e3)
+        elif transfer_ms < 0:
+            # Small requests: the fixed cost itself moved (the RTT).
+            self.rtt_ms = self._ewma(self.rtt_ms, max(residual_ms - expected_ms - down_ms, 0.0))
+            return
+        else:
+            return
+        self.up_mbit = math.exp(self._ewma(math.log(self.up_mbit), math.log(sample)))
 
     @property
     def estimate(self) -> LinkEstimate:

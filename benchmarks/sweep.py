@@ -1,0 +1,438 @@
+"""The split-point sweep: where should this model be cut on this network?
+
+    python -m benchmarks.sweep --model digits-cnn --weights W --links 4G,WiFi \
+        --codecs raw,int8+zstd:1 [--edge-slowdown 10] [--requests 5] [--out DIR]
+
+A real ``splitnet-cloud`` process serves the model; a link relay (benchmarks.link) sits
+between it and a real ``EdgeClient``. For each link profile the planner predicts every
+(cut, codec); the sweep measures the baselines (all on the device, all in the cloud
+with raw input, all in the cloud with losslessly compressed input), the planner's
+choice, every pair predicted within ``--factor`` of the best, and a seeded sample of
+the rest that can finish within ``--max-request-s``. Pairs only predicted are marked
+``measured = false`` everywhere. Per link it reports the planner's choice, its measured
+latency, the measured best and the regret (choice / best).
+
+Output in --out: sweep.csv and sweep.json (one row per link x cut x codec), summary.json
+(one entry per link), and per link a PNG of latency against cut, stacked by component
+(predicted, with measured totals as dots), and one of bytes against cut.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.link import LinkProfile, LinkRelay, load_profiles, parse_link
+from edge.auto import calibrate_agreement
+from edge.client import EdgeClient, InferResult
+from splitnet.codecs import parse_codec
+from splitnet.data import Split, load_digits
+from splitnet.models import resolve
+from splitnet.partition import INPUT, OUTPUT
+from splitnet.planning import LinkEstimate, Planner, Prediction, measure_costs
+from splitnet.report import codec_accuracy, sample_input
+
+COMPONENTS = [
+    "edge_ms",
+    "encode_ms",
+    "up_ms",
+    "rtt_ms",
+    "queue_ms",
+    "decode_ms",
+    "cloud_ms",
+    "down_ms",
+]
+
+
+class CloudProcess:
+    """``splitnet-cloud`` in a process of its own (edge and cloud must not share a GIL)."""
+
+    def __init__(self, model: str, weights: str | None, input_shape: tuple[int, ...] | None):
+        spec = model if weights is None else f"{model}={weights}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "cloud.cli",
+            "--model",
+            spec,
+            "--port",
+            "0",
+            "--profile-runs",
+            "5",
+            "--max-message-mb",
+            "64",
+        ]
+        if input_shape is not None:
+            raise SystemExit("--input-shape is not supported by the sweep yet")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert self.proc.stdout is not None
+        line = ""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line or "listening on" in line:
+                break
+        if "listening on" not in line:
+            self.stop()
+            raise SystemExit(f"splitnet-cloud did not start: {line}")
+        self.address = line.split("listening on ")[1].split()[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def choose_measured(
+    preds: list[Prediction], factor: float, sample: int, max_ms: float, seed: int
+) -> set[tuple[str, str]]:
+    """Baselines, the best, pairs within ``factor`` of the best, and a sample of the rest."""
+    best = preds[0].total_ms
+    keys = {(p.cut, p.codec) for p in preds if p.total_ms <= factor * best}
+    for p in preds:  # baselines
+        if p.cut == OUTPUT or (p.cut == INPUT and p.codec in ("raw", "zstd:1")):
+            keys.add((p.cut, p.codec))
+    rest = [(p.cut, p.codec) for p in preds if (p.cut, p.codec) not in keys]
+    rng = random.Random(seed)
+    keys |= set(rng.sample(rest, min(sample, len(rest))))
+    by_key = {(p.cut, p.codec): p for p in preds}
+    return {k for k in keys if by_key[k].total_ms <= max_ms}
+
+
+def measure(client: EdgeClient, xs: list[torch.Tensor], cut: str, codec: str) -> list[InferResult]:
+    client.use(cut=cut, codec=None if codec == "none" else codec)
+    client.infer(xs[0])  # warm-up: the first request on a new cut builds its tail
+    return [client.infer(x) for x in xs]
+
+
+def summarize(results: list[InferResult]) -> dict[str, float]:
+    totals = sorted(r.timing.total_ms for r in results)
+    med = {
+        f"measured_{k}": statistics.median(getattr(r.timing, k) for r in results)
+        for k in ("edge_ms", "encode_ms", "network_ms", "queue_ms", "cloud_ms", "decode_ms")
+    }
+    med["measured_p50_ms"] = statistics.median(totals)
+    med["measured_p90_ms"] = totals[min(len(totals) - 1, int(0.9 * len(totals)))]
+    return med
+
+
+def plot(rows: list[dict[str, Any]], link: str, out: Path, slowdown: float) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [r for r in rows if r["link"] == link]
+    cuts = list(dict.fromkeys(r["cut"] for r in mine))
+    # Per cut, the codec predicted fastest at that cut.
+    best: dict[str, dict[str, Any]] = {}
+    for r in mine:
+        if r["cut"] not in best or r["predicted_ms"] < best[r["cut"]]["predicted_ms"]:
+            best[r["cut"]] = r
+    fig, ax = plt.subplots(figsize=(max(8, len(cuts) * 0.18), 4.5))
+    bottom = [0.0] * len(cuts)
+    for comp in COMPONENTS:
+        vals = [best[c][f"pred_{comp}"] for c in cuts]
+        ax.bar(range(len(cuts)), vals, bottom=bottom, label=comp.removesuffix("_ms"))
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    xs = [i for i, c in enumerate(cuts) if best[c]["measured"]]
+    ax.scatter(
+        xs,
+        [best[cuts[i]]["measured_p50_ms"] for i in xs],
+        color="black",
+        zorder=3,
+        s=12,
+        label="measured p50",
+    )
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(cuts)))
+    ax.set_xticklabels(cuts, rotation=90, fontsize=6)
+    ax.set_ylabel("latency (ms, log)")
+    note = f", edge slowed {slowdown:g}x (emulated)" if slowdown > 1 else ""
+    ax.set_title(f"{mine[0]['model']} on {link}: latency by cut (best codec per cut){note}")
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    lat = out / f"latency-{link}.png"
+    fig.savefig(lat, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(8, len(cuts) * 0.18), 4))
+    for codec in dict.fromkeys(r["codec"] for r in mine if r["cut"] != OUTPUT):
+        pts = [(cuts.index(r["cut"]), r["bytes_up"]) for r in mine if r["codec"] == codec]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=codec)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(cuts)))
+    ax.set_xticklabels(cuts, rotation=90, fontsize=6)
+    ax.set_ylabel("bytes sent per request (log)")
+    ax.set_title(f"{mine[0]['model']}: bytes crossing each cut")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    size = out / f"bytes-{link}.png"
+    fig.savefig(size, dpi=110)
+    plt.close(fig)
+    return [lat, size]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    profiles = load_profiles()
+    links: list[LinkProfile] = [parse_link(t, profiles) for t in args.links.split(",")]
+    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    spec = resolve(args.model)
+    x_test: torch.Tensor
+    test_split: Split | None = None
+    if spec.input_shape[1:] == (1, 8, 8):
+        data = load_digits()
+        test_split = data["test"]
+        x_test = test_split.x
+        calibration = data["val"].x
+    else:
+        x_test = torch.cat([sample_input(spec.input_shape, seed=s) for s in range(4)])
+        calibration = None
+    xs = [x_test[i % len(x_test) : i % len(x_test) + 1] for i in range(args.requests)]
+
+    cloud = CloudProcess(args.model, args.weights, None)
+    first = links[0]
+    relay = LinkRelay(cloud.address, first.up, first.down).start()
+    rows: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    try:
+        with EdgeClient(
+            relay.address,
+            args.model,
+            weights=args.weights,
+            cut=INPUT,
+            edge_slowdown=args.edge_slowdown,
+            deadline_s=args.max_request_s * 4,
+            retries=0,
+        ) as client:
+            info = client.server_info
+            assert info is not None
+            agreement = (
+                calibrate_agreement(client.model, client.graph, calibration, codecs)
+                if calibration is not None
+                else None
+            )
+            accuracy: dict[tuple[str, str], float] = {}
+            lossy = [str(parse_codec(c)) for c in codecs if not parse_codec(c).lossless]
+            if test_split is not None and lossy:
+                for r in codec_accuracy(client.model, client.graph, test_split, lossy):
+                    accuracy[(r["cut"], r["codec"])] = r["accuracy"]
+            table = measure_costs(
+                client.graph,
+                sample_input(spec.input_shape),
+                codecs,
+                {c.name: c.tail_latency_ms for c in info.cuts},
+                result_bytes=40 + sum(4 * math.prod(o.shape) + 16 for o in info.outputs),
+                edge_slowdown=args.edge_slowdown,
+                agreement=agreement,
+            )
+            planner = Planner(table, accuracy_budget=args.accuracy_budget)
+            calibrated = False
+            for link in links:
+                relay.set_links(up=link.up, down=link.down)
+                client.refresh_info()
+                rtt = statistics.median(client.probe_rtt() for _ in range(5))
+                est = LinkEstimate(up_mbit=link.up.mbit, down_mbit=link.down.mbit, rtt_ms=rtt)
+                # Calibrate the edge side once on live requests (all on the device), then
+                # predict: what the rows call "predicted" is what the planner believes
+                # before it sees each pair.
+                if not calibrated:
+                    base = summarize(measure(client, xs, OUTPUT, "none"))
+                    planner.edge_scale = base["measured_edge_ms"] / table.edge_ms[OUTPUT]
+                    calibrated = True
+                preds = planner.candidates(est)
+                choice = preds[0]
+                keys = choose_measured(
+                    preds, args.factor, args.sample, args.max_request_s * 1e3, args.seed
+                )
+                keys.add((choice.cut, choice.codec))
+                measured: dict[tuple[str, str], dict[str, float]] = {}
+                for cut, codec in tqdm(
+                    sorted(keys, key=lambda k: table_index(client, k)),
+                    desc=f"{link.name}",
+                    unit="pair",
+                    file=sys.stderr,
+                ):
+                    measured[(cut, codec)] = summarize(measure(client, xs, cut, codec))
+                client.use(cut=INPUT)
+                for p in preds:
+                    row: dict[str, Any] = {
+                        "model": args.model,
+                        "link": link.name,
+                        "link_spec": link.spec,
+                        "cut": p.cut,
+                        "codec": p.codec,
+                        "bytes_up": p.bytes_up,
+                        "edge_slowdown": args.edge_slowdown,
+                        "edge_emulated": args.edge_slowdown > 1,
+                        "predicted_ms": p.total_ms,
+                        **{f"pred_{k}": v for k, v in asdict(p).items() if k.endswith("_ms")},
+                        "measured": (p.cut, p.codec) in measured,
+                        "planner_choice": (p.cut, p.codec) == (choice.cut, choice.codec),
+                        "accuracy": accuracy.get((p.cut, p.codec)),
+                    }
+                    row.update(measured.get((p.cut, p.codec), {}))
+                    rows.append(row)
+                summary.append(link_summary(link, choice, measured, rtt))
+                summary[-1]["edge_scale"] = planner.edge_scale
+    finally:
+        relay.stop()
+        cloud.stop()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(rows, summary, out, args)
+    return {"rows": rows, "summary": summary}
+
+
+def table_index(client: EdgeClient, key: tuple[str, str]) -> int:
+    return client.graph.names.index(key[0]) if key[0] in client.graph.names else 0
+
+
+def link_summary(
+    link: LinkProfile,
+    choice: Prediction,
+    measured: dict[tuple[str, str], dict[str, float]],
+    rtt: float,
+) -> dict[str, Any]:
+    p50 = {k: v["measured_p50_ms"] for k, v in measured.items()}
+    best_key = min(p50, key=lambda k: p50[k])
+    chosen = p50[(choice.cut, choice.codec)]
+    all_edge = p50.get((OUTPUT, "none"))
+    cloud_raw = p50.get((INPUT, "raw"))
+    cloud_zstd = p50.get((INPUT, "zstd:1"))
+    baseline = (
+        min(v for v in (all_edge, cloud_zstd) if v is not None)
+        if (all_edge is not None or cloud_zstd is not None)
+        else None
+    )
+    return {
+        "link": link.name,
+        "link_spec": link.spec,
+        "probe_rtt_ms": rtt,
+        "choice": f"{choice.cut} {choice.codec}",
+        "choice_predicted_ms": choice.total_ms,
+        "choice_measured_ms": chosen,
+        "best": f"{best_key[0]} {best_key[1]}",
+        "best_measured_ms": p50[best_key],
+        "regret": chosen / p50[best_key],
+        "all_edge_ms": all_edge,
+        "all_cloud_raw_ms": cloud_raw,
+        "all_cloud_zstd_ms": cloud_zstd,
+        "speedup_vs_best_baseline": (baseline / chosen) if baseline else None,
+        "pairs_measured": len(measured),
+    }
+
+
+def write_outputs(
+    rows: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path, args: argparse.Namespace
+) -> None:
+    # Prediction error per link, over the measured pairs.
+    for s in summary:
+        errs = [
+            abs(r["predicted_ms"] - r["measured_p50_ms"]) / r["measured_p50_ms"]
+            for r in rows
+            if r["link"] == s["link"] and r["measured"]
+        ]
+        s["prediction_error_median"] = statistics.median(errs) if errs else None
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    meta = {
+        "model": args.model,
+        "edge_slowdown": args.edge_slowdown,
+        "edge_emulated": args.edge_slowdown > 1,
+        "requests_per_pair": args.requests,
+        "factor": args.factor,
+        "sample": args.sample,
+        "codecs": args.codecs,
+    }
+    (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "links": summary}, indent=1))
+    for s in summary:
+        plot(rows, s["link"], out, args.edge_slowdown)
+
+
+def print_summary(summary: list[dict[str, Any]], slowdown: float) -> None:
+    note = f" (edge slowed {slowdown:g}x, emulated)" if slowdown > 1 else ""
+    print(f"per link{note}: planner choice vs the measured best")
+    for s in summary:
+        err = s["prediction_error_median"]
+        speed = s["speedup_vs_best_baseline"]
+        print(
+            f"  {s['link']:<6} choice {s['choice']:<28} {s['choice_measured_ms']:9.2f} ms  "
+            f"best {s['best']:<28} {s['best_measured_ms']:9.2f} ms  regret {s['regret']:.2f}  "
+            f"pred err {100 * err:.1f}%  "
+            + (f"speedup vs best baseline {speed:.2f}x" if speed else "")
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.sweep", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--model", default="digits-cnn")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--links", default="CAT1,3G,4G,WiFi,5G", help="profile names or 10mbit/40ms")
+    p.add_argument("--codecs", default="raw,zstd:1,int8+zstd:1")
+    p.add_argument(
+        "--edge-slowdown",
+        type=float,
+        default=1.0,
+        help="emulate an edge device F times slower (stretches edge compute)",
+    )
+    p.add_argument("--requests", type=int, default=5, help="measured requests per pair")
+    p.add_argument(
+        "--factor", type=float, default=1.5, help="measure pairs within this of the best"
+    )
+    p.add_argument("--sample", type=int, default=3, help="and this many other pairs per link")
+    p.add_argument(
+        "--max-request-s",
+        type=float,
+        default=3.0,
+        help="pairs predicted slower than this are only predicted",
+    )
+    p.add_argument("--accuracy-budget", type=float, default=0.005)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--edge-threads",
+        type=int,
+        default=1,
+        help="torch threads on the edge side (the server process keeps its own)",
+    )
+    p.add_argument("--out", default="out/sweep")
+    args = p.parse_args(argv)
+    # One edge thread: with two OpenMP threads sharing two cores with the server and the
+    # relay, every wake-up after an idle gap cost milliseconds and the profile lied.
+    torch.set_num_threads(args.edge_threads)
+    t0 = time.time()
+    result = run(args)
+    print_summary(result["summary"], args.edge_slowdown)
+    print(
+        f"wrote {args.out}/sweep.csv, sweep.json, summary.json and PNGs in {time.time() - t0:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
