@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 WEIGHTS := .cache/digits-cnn.safetensors
 PROTOS := $(wildcard proto/splitnet/v1/*.proto)
 
-.PHONY: install test lint demo proto bench-codecs bench-overhead lock clean
+.PHONY: install test lint demo proto sweep bench-codecs bench-overhead lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ demo: $(WEIGHTS)
 
 bench-codecs: $(STAMP)
 	$(PY) -m benchmarks.codecs
+
+# Where to cut, per network: resnet18 on a device emulated 10x slower than this
+# machine, and the trained digits model, over the default link profiles.
+SWEEP_LINKS ?= CAT1,3G,4G,WiFi,5G
+sweep: $(WEIGHTS)
+	$(PY) -m benchmarks.sweep --model torchvision:resnet18 --links $(SWEEP_LINKS) \
+		--codecs raw,zstd:1,int8+zstd:1 --edge-slowdown 10 --requests 4 --out out/sweep-resnet18
+	$(PY) -m benchmarks.sweep --model digits-cnn --weights $(WEIGHTS) --links $(SWEEP_LINKS) \
+		--codecs raw,zstd:1,int8+zstd:1 --edge-slowdown 10 --requests 5 --out out/sweep-digits
 
 bench-overhead: $(STAMP)
 	$(PY) -m benchmarks.overhead
