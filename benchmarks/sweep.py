@@ -139,8 +139,8 @@ def plot(rows: list[dict[str, Any]], link: str, out: Path, slowdown: float) -> l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mine = [r for r in rows if r["link"] == link]
-    cuts = list(dict.fromkeys(r["cut"] for r in mine))
+    mine = sorted((r for r in rows if r["link"] == link), key=lambda r: r["cut_index"])
+    cuts = list(dict.fromkeys(r["cut"] for r in mine))  # in execution order
     # Per cut, the codec predicted fastest at that cut.
     best: dict[str, dict[str, Any]] = {}
     for r in mine:
@@ -161,10 +161,11 @@ def plot(rows: list[dict[str, Any]], link: str, out: Path, slowdown: float) -> l
         s=12,
         label="measured p50",
     )
-    ax.set_yscale("log")
     ax.set_xticks(range(len(cuts)))
     ax.set_xticklabels(cuts, rotation=90, fontsize=6)
-    ax.set_ylabel("latency (ms, log)")
+    ax.set_ylabel("latency (ms)")
+    top = sorted(bottom)[len(bottom) // 2] * 3  # keep the interesting range readable
+    ax.set_ylim(0, max(top, max(bottom) if max(bottom) < top * 2 else top))
     note = f", edge slowed {slowdown:g}x (emulated)" if slowdown > 1 else ""
     ax.set_title(f"{mine[0]['model']} on {link}: latency by cut (best codec per cut){note}")
     ax.legend(fontsize=6, ncol=3)
@@ -280,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "link": link.name,
                         "link_spec": link.spec,
                         "cut": p.cut,
+                        "cut_index": table_index(client, (p.cut, p.codec)),
                         "codec": p.codec,
                         "bytes_up": p.bytes_up,
                         "edge_slowdown": args.edge_slowdown,
@@ -304,7 +306,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table_index(client: EdgeClient, key: tuple[str, str]) -> int:
-    return client.graph.names.index(key[0]) if key[0] in client.graph.names else 0
+    """Position of the pair's cut in execution order."""
+    return client.graph.names.index(key[0])
 
 
 def link_summary(

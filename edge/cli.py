@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--server", required=True, help="HOST:PORT of splitnet-cloud")
     r.add_argument("--model", required=True, help="model name, as the server serves it")
     r.add_argument("--weights", default=None, help="the same weights the server loaded")
-    r.add_argument("--cut", default="input", help="where to cut (see `splitnet cuts MODEL`)")
+    r.add_argument(
+        "--cut",
+        default="input",
+        help="where to cut (see `splitnet cuts MODEL`), or auto: planned from "
+        "measurements and re-planned as the link changes",
+    )
     r.add_argument("--codec", default="raw", help="frontier codec, e.g. int8+zstd:1")
     r.add_argument("--limit", type=int, default=None, help="use only the first N test images")
     r.add_argument("--deadline", type=float, default=10.0, help="seconds per request")
@@ -56,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["error", "local"],
         default="error",
         help="when the cloud is unreachable: fail, or run the whole model here",
+    )
+    r.add_argument(
+        "--accuracy-budget",
+        type=float,
+        default=0.005,
+        help="cut auto: largest top-1 agreement loss allowed for a lossy codec",
+    )
+    r.add_argument(
+        "--edge-slowdown",
+        type=float,
+        default=1.0,
+        help="emulate a device F times slower than this machine (stretches edge compute)",
     )
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     r.add_argument("-v", "--verbose", action="store_true")
@@ -113,6 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         codec=args.codec,
         deadline_s=args.deadline,
         fallback=args.fallback,
+        accuracy_budget=args.accuracy_budget,
+        edge_slowdown=args.edge_slowdown,
     ) as client:
         labels: torch.Tensor | None = None
         if args.inputs:
@@ -147,6 +166,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         "batch_size_mean": statistics.fmean(r.timing.batch_size for r in results) if results else 0,
         "latency_ms": _percentiles(results),
     }
+    if client.auto is not None:
+        summary["plans"] = [
+            {
+                "from_request": i,
+                "cut": p.cut,
+                "codec": p.codec,
+                "predicted_ms": p.total_ms,
+                "breakdown": p.describe(),
+            }
+            for i, p in client.auto.history
+        ]
+        est = client.auto.estimator
+        summary["link_estimate"] = {
+            "up_mbit": est.up_mbit,
+            "rtt_ms": est.rtt_ms,
+            "queue_ms": est.queue_ms,
+        }
     if labels is not None:
         pred = torch.cat(preds)
         summary["accuracy"] = float((pred == labels).float().mean())
@@ -170,6 +206,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(
             f"predictions {summary['predictions']}; agreement with local {summary['agreement']:.2%}"
+        )
+    for plan in summary.get("plans", []):
+        print(f"plan from request {plan['from_request']}: {plan['breakdown']}")
+    if "link_estimate" in summary:
+        le = summary["link_estimate"]
+        print(
+            f"link estimate: uplink {le['up_mbit']:.2f} Mbit/s, fixed cost per request "
+            f"{le['rtt_ms']:.2f} ms, queue {le['queue_ms']:.2f} ms"
         )
     if summary["fallbacks"]:
         print(f"{summary['fallbacks']} requests ran locally (cloud unreachable)")

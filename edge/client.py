@@ -306,9 +306,16 @@ class EdgeClient:
             raise
         return self._learn(self._finish(resp, None, timing, t0, sent, request.cut, codec))
 
-    def _learn(self, result: InferResult) -> InferResult:
-        """Feed the planner (cut="auto") and follow a new plan."""
-        if self.auto is not None and not result.fallback:
+    def _learn(self, result: InferResult, link: bool = True) -> InferResult:
+        """Feed the planner (cut="auto") and follow a new plan.
+
+        ``link`` False: the request waited behind others in a pipeline, so its time says
+        nothing about the link (only the edge calibration learns from it).
+        """
+        if self.auto is not None and not link and not result.fallback:
+            self.auto.planner.observe_edge(result.cut, result.timing.edge_ms)
+            result.prediction = self.auto.prediction
+        elif self.auto is not None and not result.fallback:
             t = result.timing
             est = self.auto.estimator.estimate
             self.auto.planner.observe_edge(result.cut, t.edge_ms)
@@ -395,7 +402,8 @@ class EdgeClient:
     def _stream(self, xs: list[torch.Tensor]) -> Iterator[InferResult]:
         slots = threading.Semaphore(self.window)
         stop = threading.Event()
-        prepared: queue.Queue[tuple[int, Timing, float, float, str, str]] = queue.Queue()
+        prepared: queue.Queue[tuple[int, Timing, float, float, str, str, bool]] = queue.Queue()
+        in_flight = [0]  # requests sent and not yet answered
 
         def requests() -> Iterator[pb.StreamRequest | RawChunk]:
             for x in xs:
@@ -406,7 +414,9 @@ class EdgeClient:
                 rid = next(self._ids)
                 msg = pb.StreamRequest()  # built in place: wrapping would copy the payloads
                 timing, payloads, codec = self._prepare(x, rid, msg.request, self.chunk_bytes)
-                prepared.put((rid, timing, t0, time.perf_counter(), msg.request.cut, codec))
+                alone = in_flight[0] == 0  # its timing is its own, not a pipeline wait
+                in_flight[0] += 1
+                prepared.put((rid, timing, t0, time.perf_counter(), msg.request.cut, codec, alone))
                 yield msg
                 if payloads is not None:  # views of the payloads, copied once on send
                     for data in iter_chunks(payloads, self.chunk_bytes):
@@ -435,11 +445,14 @@ class EdgeClient:
                 else:
                     raise SplitNetError("server sent a chunk nobody announced")
                 assert pending is not None
-                rid, timing, t0, sent, cut, codec = prepared.get(timeout=self.deadline_s)
+                rid, timing, t0, sent, cut, codec, alone = prepared.get(timeout=self.deadline_s)
+                in_flight[0] -= 1
                 if pending.id != rid:
                     raise SplitNetError(f"server answered request {pending.id}, expected {rid}")
                 payloads = assembler.payloads() if assembler is not None else None
-                result = self._learn(self._finish(pending, payloads, timing, t0, sent, cut, codec))
+                result = self._learn(
+                    self._finish(pending, payloads, timing, t0, sent, cut, codec), link=alone
+                )
                 assembler = pending = None
                 answered += 1
                 slots.release()

@@ -72,7 +72,7 @@ def test_estimator_follows_a_bandwidth_drop() -> None:
 def test_auto_moves_to_the_new_best_cut_when_bandwidth_drops(
     digits_server: ServerThread, digits_weights: Path
 ) -> None:
-    fast, slow = Link(50.0, 1.0), Link(0.05, 1.0)
+    fast, slow = Link(50.0, 1.0), Link(0.01, 1.0)
     x = torch.zeros(1, 1, 8, 8)
     with (
         LinkRelay(digits_server.address, fast, fast).start() as relay,
