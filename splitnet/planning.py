@@ -128,17 +128,23 @@ class Planner:
     def __init__(self, table: CostTable, *, accuracy_budget: float = 0.005) -> None:
         self.table = table
         self.accuracy_budget = accuracy_budget
-        # Measured edge time / profiled edge time, learned from live requests: a model
-        # run between network waits is slower than in a tight profiling loop (caches and
-        # threads go cold), and the device may be busy with other work.
+        # Measured edge time / profiled edge time, learned from live requests. A head run
+        # between network waits is slower than in a tight profiling loop (caches and
+        # threads go cold), and more so than the whole model run back to back on the
+        # device, so the two are calibrated apart: ``edge_scale`` for heads of split
+        # requests, ``local_scale`` for the all-on-device choice.
         self.edge_scale = 1.0
+        self.local_scale = 1.0
 
     def observe_edge(self, cut: str, measured_ms: float, alpha: float = 0.3) -> None:
-        """Calibrate ``edge_scale`` from one request's measured edge time at ``cut``."""
+        """Calibrate the edge scale (split or local) from one request at ``cut``."""
         profiled = self.table.edge_ms.get(cut, 0.0)
         if profiled > 0.05 and measured_ms > 0:
             ratio = min(max(measured_ms / profiled, 0.2), 20.0)
-            self.edge_scale = (1 - alpha) * self.edge_scale + alpha * ratio
+            if cut == OUTPUT:
+                self.local_scale = (1 - alpha) * self.local_scale + alpha * ratio
+            else:
+                self.edge_scale = (1 - alpha) * self.edge_scale + alpha * ratio
 
     def allowed(self, cut: str, codec: str) -> bool:
         """Lossless always; lossy only where calibrated within the accuracy budget."""
@@ -155,7 +161,7 @@ class Planner:
         """The latency model for one choice."""
         t = self.table
         if cut == OUTPUT:
-            edge = t.edge_ms[OUTPUT] * self.edge_scale
+            edge = t.edge_ms[OUTPUT] * self.local_scale
             return Prediction(OUTPUT, "none", edge, 0, 0, 0, 0, 0, 0, 0, 0)
         pair = t.pairs[(cut, codec)]
         return Prediction(
