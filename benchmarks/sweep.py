@@ -109,7 +109,10 @@ def choose_measured(
     for p in preds:  # baselines
         if p.cut == OUTPUT or (p.cut == INPUT and p.codec in ("raw", "zstd:1")):
             keys.add((p.cut, p.codec))
-    rest = [(p.cut, p.codec) for p in preds if (p.cut, p.codec) not in keys]
+    # The sample is drawn from the pairs that can be measured in time.
+    rest = [
+        (p.cut, p.codec) for p in preds if (p.cut, p.codec) not in keys and p.total_ms <= max_ms
+    ]
     rng = random.Random(seed)
     keys |= set(rng.sample(rest, min(sample, len(rest))))
     by_key = {(p.cut, p.codec): p for p in preds}
@@ -407,11 +410,12 @@ def print_summary(summary: list[dict[str, Any]], slowdown: float) -> None:
     for s in summary:
         err = s["prediction_error_median"]
         speed = s["speedup_vs_best_baseline"]
+        err_text = f"pred err {100 * err:.1f}%" if err is not None else "pred err n/a"
+        speed_text = f"speedup vs best baseline {speed:.2f}x" if speed else ""
         print(
             f"  {s['link']:<6} choice {s['choice']:<28} {s['choice_measured_ms']:9.2f} ms  "
             f"best {s['best']:<28} {s['best_measured_ms']:9.2f} ms  regret {s['regret']:.2f}  "
-            f"pred err {100 * err:.1f}%  "
-            + (f"speedup vs best baseline {speed:.2f}x" if speed else "")
+            f"{err_text}  {speed_text}"
         )
 
 
