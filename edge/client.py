@@ -145,9 +145,9 @@ class EdgeClient:
         self.edge_slowdown = edge_slowdown  # >1 emulates a slower device: head time x F
         # cut="auto": planned at connect, re-planned as the link moves (see edge.auto).
         self.auto: AutoPlan | None = None
-        self._auto_args = (
-            (tuple(codecs), link, accuracy_budget, calibration) if cut == AUTO else None
-        )
+        self._auto_args: (
+            tuple[tuple[str, ...], LinkEstimate | None, float, torch.Tensor | None] | None
+        ) = (tuple(codecs), link, accuracy_budget, calibration) if cut == AUTO else None
         self.cut = self.graph.cut("input" if cut == AUTO else cut).name
         self.codec = str(parse_codec(codec))
         self.head, _ = self.graph.split(self.cut)
@@ -213,7 +213,8 @@ class EdgeClient:
         return info
 
     def _plan(self) -> None:
-        codecs, link, budget, calibration = self._auto_args  # type: ignore[misc]
+        assert self._auto_args is not None
+        codecs, link, budget, calibration = self._auto_args
         if calibration is None and self.input_shape[1:] == (1, 8, 8):
             from splitnet.data import load_digits
 
