@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from cloud.auth import load_tokens
 from cloud.config import MiB, ModelEntry, ServerConfig
 from cloud.server import CloudServer
 from splitnet.errors import SplitNetError
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed runs at start-up for per-cut tail latency (0: skip)",
     )
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain at shutdown")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="require a bearer token from this file (one per line); tokens in "
+        "$SPLITNET_TOKENS (comma-separated) are accepted too",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     return p
 
@@ -88,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_in_flight=args.max_in_flight,
             profile_runs=args.profile_runs,
             grace_s=args.grace,
+            tokens=load_tokens(args.token_file),
         )
         return asyncio.run(_serve(config))
     except (SplitNetError, ValueError, OSError) as e:

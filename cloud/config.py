@@ -36,6 +36,7 @@ class ServerConfig:
     profile_runs: int = 3  # timed runs per model at start-up for per-cut tail latency
     inline_tail_us: int = 50  # tails profiled faster than this run on the event loop (0: never)
     grace_s: float = 10.0  # how long in-flight requests may finish at shutdown
+    tokens: frozenset[str] = frozenset()  # bearer tokens; empty: no authentication
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -278,4 +278,3 @@ class TailRuntime:
             grpc.StatusCode.NOT_FOUND,
             f"unknown model {name!r}; this server serves: {', '.join(self.models)}",
         )
-

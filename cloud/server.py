@@ -19,6 +19,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cloud.auth import TokenAuthInterceptor
 from cloud.config import ServerConfig
 from cloud.runtime import TailRuntime
 from cloud.service import SplitInferenceService
@@ -71,7 +72,8 @@ class CloudServer:
             # Loading and profiling take seconds: keep the loop free meanwhile.
             runtime = await loop.run_in_executor(None, _make_runtime, config)
         executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tail")
-        server = grpc.aio.server(options=channel_options(config))
+        interceptors = [TokenAuthInterceptor(config.tokens)] if config.tokens else None
+        server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
         service = SplitInferenceService(runtime, config, executor)
         server.add_generic_rpc_handlers((_handlers(service),))
         health_servicer = health.aio.HealthServicer()
@@ -107,7 +109,7 @@ class CloudServer:
         return (
             f"splitnet-cloud listening on {self.address} device {c.device} | {models} | "
             f"max batch {c.max_batch_size}, queue delay {c.max_queue_delay_us} us, "
-            f"in flight {c.max_in_flight}"
+            f"in flight {c.max_in_flight}, auth {'bearer token' if c.tokens else 'none'}"
         )
 
     async def stop(self, grace: float | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="emulate a device F times slower than this machine (stretches edge compute)",
     )
+    r.add_argument(
+        "--token-file",
+        default=None,
+        help="bearer token for the server (first line of the file); "
+        "$SPLITNET_TOKEN is used when this is not given",
+    )
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     r.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -108,6 +115,15 @@ def load_input(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
+def _token(path: str | None) -> str | None:
+    if path is not None:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise SplitNetError(f"token file {path} is empty")
+        return lines[0]
+    return os.environ.get("SPLITNET_TOKEN") or None
+
+
 def _percentiles(results: Sequence[InferResult]) -> dict[str, dict[str, float]]:
     out = {}
     for label, attr in COMPONENTS:
@@ -132,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         fallback=args.fallback,
         accuracy_budget=args.accuracy_budget,
         edge_slowdown=args.edge_slowdown,
+        token=_token(args.token_file),
     ) as client:
         labels: torch.Tensor | None = None
         if args.inputs:

@@ -114,6 +114,7 @@ class EdgeClient:
         accuracy_budget: float = 0.005,
         calibration: torch.Tensor | None = None,
         edge_slowdown: float = 1.0,
+        token: str | None = None,
     ) -> None:
         if fallback not in ("error", "local"):
             raise ValueError("fallback must be 'error' or 'local'")
@@ -143,6 +144,8 @@ class EdgeClient:
         self.fingerprint = fingerprint(self.model)
         self.graph = trace(self.model, (sample_input(self.input_shape),))
         self.edge_slowdown = edge_slowdown  # >1 emulates a slower device: head time x F
+        # Sent with every call when the server requires a bearer token.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         # cut="auto": planned at connect, re-planned as the link moves (see edge.auto).
         self.auto: AutoPlan | None = None
         self._auto_args: (
@@ -200,7 +203,10 @@ class EdgeClient:
         """Ask the server about our model; check the fingerprint and the cut."""
         resp = self._call(
             lambda timeout, ready: self._stub_().GetModelInfo(
-                pb.ModelInfoRequest(model=self.model_name), timeout=timeout, wait_for_ready=ready
+                pb.ModelInfoRequest(model=self.model_name),
+                timeout=timeout,
+                wait_for_ready=ready,
+                metadata=self._metadata,
             )
         )
         info = resp.models[0]
@@ -261,7 +267,7 @@ class EdgeClient:
             zeros = torch.zeros(list(spec.shape), dtype=torch_dtype(spec.dtype))
             request.frontier.append(encode(zeros, "zstd:1"))
         t0 = time.perf_counter()
-        self._stub_().Infer(request, timeout=self.deadline_s)
+        self._stub_().Infer(request, timeout=self.deadline_s, metadata=self._metadata)
         return (time.perf_counter() - t0) * 1e3
 
     def close(self) -> None:
@@ -301,7 +307,7 @@ class EdgeClient:
         try:
             resp = self._call(
                 lambda timeout, ready: self._stub_().Infer(
-                    request, timeout=timeout, wait_for_ready=ready
+                    request, timeout=timeout, wait_for_ready=ready, metadata=self._metadata
                 )
             )
         except RemoteError as e:
@@ -427,7 +433,9 @@ class EdgeClient:
                         yield RawChunk(rid, data)
 
         # The whole stream may take as long as every request's deadline together.
-        call = self._infer_stream(requests(), timeout=self.deadline_s * max(1, len(xs)))
+        call = self._infer_stream(
+            requests(), timeout=self.deadline_s * max(1, len(xs)), metadata=self._metadata
+        )
         try:
             answered = 0
             assembler: Reassembler | None = None
