@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="require a bearer token from this file (one per line); tokens in "
         "$SPLITNET_TOKENS (comma-separated) are accepted too",
     )
+    p.add_argument("--tls-cert", default=None, help="server certificate (PEM): serve TLS")
+    p.add_argument("--tls-key", default=None, help="server private key (PEM)")
+    p.add_argument(
+        "--tls-client-ca", default=None, help="CA of client certificates: require mutual TLS"
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     return p
 
@@ -96,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile_runs=args.profile_runs,
             grace_s=args.grace,
             tokens=load_tokens(args.token_file),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            insecure=args.insecure,
         )
         return asyncio.run(_serve(config))
     except (SplitNetError, ValueError, OSError) as e:

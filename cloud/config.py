@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from splitnet.wire import CHUNK_BYTES
@@ -37,6 +38,10 @@ class ServerConfig:
     inline_tail_us: int = 50  # tails profiled faster than this run on the event loop (0: never)
     grace_s: float = 10.0  # how long in-flight requests may finish at shutdown
     tokens: frozenset[str] = frozenset()  # bearer tokens; empty: no authentication
+    tls_cert: str | None = None  # server certificate (PEM); with tls_key: TLS
+    tls_key: str | None = None  # server private key (PEM)
+    tls_client_ca: str | None = None  # CA of client certificates: mutual TLS, required
+    insecure: bool = False  # allow plaintext on a non-loopback address
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -61,3 +66,29 @@ class ServerConfig:
             )
         if self.chunk_bytes > self.max_message_bytes // 2:
             raise ValueError("chunk_bytes must be at most half of max_message_bytes")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
+        if self.tls_cert is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host} without TLS: give --tls-cert and --tls-key "
+                "(make a test CA with `splitnet certs`), or --insecure to accept plaintext"
+            )
+
+    @property
+    def security(self) -> str:
+        """One of mtls, tls or plaintext."""
+        if self.tls_cert is None:
+            return "plaintext"
+        return "mtls" if self.tls_client_ca else "tls"
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

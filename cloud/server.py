@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import torch
@@ -82,7 +83,16 @@ class CloudServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = f"[{config.host}]" if ":" in config.host else config.host
-        port = server.add_insecure_port(f"{address}:{config.port}")
+        if config.tls_cert is not None and config.tls_key is not None:
+            client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = server.add_secure_port(f"{address}:{config.port}", credentials)
+        else:
+            port = server.add_insecure_port(f"{address}:{config.port}")
         if port == 0:
             raise OSError(
                 f"cannot listen on {config.host}:{config.port} (in use, or no such address)"
@@ -109,7 +119,8 @@ class CloudServer:
         return (
             f"splitnet-cloud listening on {self.address} device {c.device} | {models} | "
             f"max batch {c.max_batch_size}, queue delay {c.max_queue_delay_us} us, "
-            f"in flight {c.max_in_flight}, auth {'bearer token' if c.tokens else 'none'}"
+            f"in flight {c.max_in_flight}, {c.security}, "
+            f"auth {'bearer token' if c.tokens else 'none'}"
         )
 
     async def stop(self, grace: float | None = None) -> None:

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="emulate a device F times slower than this machine (stretches edge compute)",
     )
+    r.add_argument("--tls-ca", default=None, help="CA that signed the server certificate: TLS")
+    r.add_argument("--tls-cert", default=None, help="client certificate, for mutual TLS")
+    r.add_argument("--tls-key", default=None, help="client private key, for mutual TLS")
     r.add_argument(
         "--token-file",
         default=None,
@@ -149,6 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         accuracy_budget=args.accuracy_budget,
         edge_slowdown=args.edge_slowdown,
         token=_token(args.token_file),
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     ) as client:
         labels: torch.Tensor | None = None
         if args.inputs:

@@ -115,6 +115,9 @@ class EdgeClient:
         calibration: torch.Tensor | None = None,
         edge_slowdown: float = 1.0,
         token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         if fallback not in ("error", "local"):
             raise ValueError("fallback must be 'error' or 'local'")
@@ -146,6 +149,9 @@ class EdgeClient:
         self.edge_slowdown = edge_slowdown  # >1 emulates a slower device: head time x F
         # Sent with every call when the server requires a bearer token.
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("a client certificate needs both tls_cert and tls_key")
+        self._tls = (tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
         # cut="auto": planned at connect, re-planned as the link moves (see edge.auto).
         self.auto: AutoPlan | None = None
         self._auto_args: (
@@ -180,7 +186,14 @@ class EdgeClient:
             ("grpc.initial_reconnect_backoff_ms", 100),  # find a restarted server quickly
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
-        self._channel = grpc.insecure_channel(self.target, options=options)
+        if self._tls is None:
+            self._channel = grpc.insecure_channel(self.target, options=options)
+        else:
+            ca, cert, key = (Path(p).read_bytes() if p else None for p in self._tls)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=key, certificate_chain=cert
+            )
+            self._channel = grpc.secure_channel(self.target, credentials, options=options)
         self._stub = pb_grpc.SplitInferenceStub(self._channel)
         # As generated, but chunk frames skip protobuf's copies (same bytes on the wire).
         self._infer_stream = self._channel.stream_stream(

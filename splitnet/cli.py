@@ -86,7 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--codecs", type=parse_codecs, default=parse_codecs(DEFAULT_CODECS))
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    k = sub.add_parser("certs", help="make a local test CA with server and client certificates")
+    k.add_argument("--out", required=True, help="folder for ca.pem, server.pem/key, client.pem/key")
+    k.add_argument(
+        "--hosts",
+        default="localhost,127.0.0.1,::1",
+        help="names and addresses the server certificate is valid for",
+    )
+    k.add_argument("--days", type=int, default=365)
     return p
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from splitnet.certs import make_certs
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    paths = make_certs(args.out, hosts=hosts, days=args.days)
+    print(
+        f"wrote {paths.ca}, {paths.server_cert} (+ key, valid for {', '.join(hosts)}) and "
+        f"{paths.client_cert} (+ key), valid {args.days} days"
+    )
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -210,7 +230,7 @@ def _shapes(shapes: list[list[int]]) -> str:
     return " ".join("x".join(str(d) for d in s) for s in shapes)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cuts": cmd_cuts}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cuts": cmd_cuts, "certs": cmd_certs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    torch.set_grad_enabled(args.command == "train")
+    torch.set_grad_enabled(args.command == "train")  # certs, eval and cuts never train
     try:
         return COMMANDS[args.command](args)
     except SplitNetError as e:
