@@ -119,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(config: ServerConfig) -> int:
     server = await CloudServer.start(config)
+    server.handle_signals()  # before the banner: whoever reads it may signal at once
     print(server.banner(), flush=True)
     await server.wait()
     print(f"splitnet-cloud stopped after {server.service.served} requests", flush=True)

@@ -133,14 +133,18 @@ class CloudServer:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
-    async def wait(self) -> None:
-        """Serve until ``stop()`` or SIGTERM / SIGINT."""
+    def handle_signals(self) -> None:
+        """Drain and stop on SIGTERM / SIGINT (call before announcing the server)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, functools.partial(self._on_signal, sig))
             except (NotImplementedError, RuntimeError):  # pragma: no cover - not main thread
                 pass
+
+    async def wait(self) -> None:
+        """Serve until ``stop()`` or SIGTERM / SIGINT."""
+        self.handle_signals()
         await self._stopped.wait()
 
     async def wait_stopped(self) -> None:
