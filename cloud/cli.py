@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="require a bearer token from this file (one per line); tokens in "
         "$SPLITNET_TOKENS (comma-separated) are accepted too",
     )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request may wait and run on the server (DEADLINE_EXCEEDED)",
+    )
     p.add_argument("--tls-cert", default=None, help="server certificate (PEM): serve TLS")
     p.add_argument("--tls-key", default=None, help="server private key (PEM)")
     p.add_argument(
@@ -108,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             insecure=args.insecure,
+            request_timeout_s=args.request_timeout,
         )
         return asyncio.run(_serve(config))
     except (SplitNetError, ValueError, OSError) as e:

@@ -37,6 +37,7 @@ class ServerConfig:
     profile_runs: int = 3  # timed runs per model at start-up for per-cut tail latency
     inline_tail_us: int = 50  # tails profiled faster than this run on the event loop (0: never)
     grace_s: float = 10.0  # how long in-flight requests may finish at shutdown
+    request_timeout_s: float = 30.0  # longest a request may wait and run on the server
     tokens: frozenset[str] = frozenset()  # bearer tokens; empty: no authentication
     tls_cert: str | None = None  # server certificate (PEM); with tls_key: TLS
     tls_key: str | None = None  # server private key (PEM)
@@ -66,6 +67,8 @@ class ServerConfig:
             )
         if self.chunk_bytes > self.max_message_bytes // 2:
             raise ValueError("chunk_bytes must be at most half of max_message_bytes")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -209,9 +209,18 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 )
             decoded = time.perf_counter()
             try:
-                result = await self.batcher.submit(
-                    (served.name, cut.name), (frontier, request.output_codec), batch
+                result = await asyncio.wait_for(
+                    self.batcher.submit(
+                        (served.name, cut.name), (frontier, request.output_codec), batch
+                    ),
+                    self.config.request_timeout_s,
                 )
+            except TimeoutError:
+                raise RequestError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"request {request.id} waited and ran over the server's limit of "
+                    f"{self.config.request_timeout_s:g} s",
+                ) from None
             except Exception:
                 logger.exception(
                     "tail of %s@%s failed on request %d", served.name, cut.name, request.id

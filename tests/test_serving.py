@@ -278,6 +278,26 @@ def test_resource_exhausted_instead_of_queueing(digits_runtime: TailRuntime, tes
         server.stop()
 
 
+def test_server_side_deadline(digits_runtime: TailRuntime, test_split) -> None:
+    # The batcher would wait 0.5 s for a fuller batch; the server allows 0.05 s of work.
+    config = ServerConfig(
+        models=(ModelEntry(name="digits-cnn"),),
+        port=0,
+        max_queue_delay_us=500_000,
+        request_timeout_s=0.05,
+    )
+    server = ServerThread(config, digits_runtime)
+    try:
+        stub = _stub(server.address)
+        fp = digits_runtime.models["digits-cnn"].fingerprint
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(_good_request(fp, test_split[0][:1]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "limit of 0.05 s" in (err.value.details() or "")
+    finally:
+        server.stop()
+
+
 def test_dynamic_batching(
     digits_runtime: TailRuntime, digits_weights: Path, local, test_split
 ) -> None:
