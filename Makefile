@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 WEIGHTS := .cache/digits-cnn.safetensors
 PROTOS := $(wildcard proto/splitnet/v1/*.proto)
 
-.PHONY: install test lint demo proto sweep bench-codecs bench-overhead lock clean
+.PHONY: install test lint demo proto sweep soak bench-codecs bench-overhead lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ sweep: $(WEIGHTS)
 		--codecs raw,zstd:1,int8+zstd:1 --edge-slowdown 10 --requests 4 --out out/sweep-resnet18
 	$(PY) -m benchmarks.sweep --model digits-cnn --weights $(WEIGHTS) --links $(SWEEP_LINKS) \
 		--codecs raw,zstd:1,int8+zstd:1 --edge-slowdown 10 --requests 5 --out out/sweep-digits
+
+# The long reliability run: 10,000 hostile messages, 32 clients x 200 requests, SIGKILL
+# under load and a restart, auth refusals; prints a table, writes out/soak.json.
+soak: $(WEIGHTS)
+	$(PY) -m benchmarks.soak --weights $(WEIGHTS) --out out/soak.json
 
 bench-overhead: $(STAMP)
 	$(PY) -m benchmarks.overhead

@@ -62,8 +62,11 @@ def _deny(message: str) -> tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]:
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call but health and reflection without a valid bearer token."""
 
-    def __init__(self, tokens: Iterable[str]) -> None:
+    def __init__(
+        self, tokens: Iterable[str], on_refuse: Callable[[str], None] | None = None
+    ) -> None:
         self._tokens = [t.encode() for t in tokens]
+        self._on_refuse = on_refuse  # called with the method name of each refused call
         if not self._tokens:
             raise ValueError("token authentication needs at least one token")
         self._unary_deny, self._stream_deny = _deny(
@@ -95,4 +98,6 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             handler_call_details.invocation_metadata
         ):
             return await continuation(handler_call_details)
+        if self._on_refuse is not None:
+            self._on_refuse(method)
         return self._stream_deny if method.endswith("Stream") else self._unary_deny

@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a port; "
+        "HTTPS with --tls-cert); off by default",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     return p
 
@@ -115,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_client_ca=args.tls_client_ca,
             insecure=args.insecure,
             request_timeout_s=args.request_timeout,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
         return asyncio.run(_serve(config))
     except (SplitNetError, ValueError, OSError) as e:

@@ -43,6 +43,8 @@ class ServerConfig:
     tls_key: str | None = None  # server private key (PEM)
     tls_client_ca: str | None = None  # CA of client certificates: mutual TLS, required
     insecure: bool = False  # allow plaintext on a non-loopback address
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any port
+    metrics_host: str = "127.0.0.1"  # address of the metrics endpoint
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -78,6 +80,15 @@ class ServerConfig:
                 f"refusing to listen on {self.host} without TLS: give --tls-cert and --tls-key "
                 "(make a test CA with `splitnet certs`), or --insecure to accept plaintext"
             )
+
+        if self.metrics_port is not None:
+            if not 0 <= self.metrics_port <= 65535:
+                raise ValueError(f"metrics port must be 0..65535, got {self.metrics_port}")
+            if self.tls_cert is None and not self.insecure and not is_loopback(self.metrics_host):
+                raise ValueError(
+                    f"refusing to serve metrics on {self.metrics_host} in plaintext: give "
+                    "--tls-cert and --tls-key (metrics then use HTTPS), or --insecure"
+                )
 
     @property
     def security(self) -> str:

@@ -12,6 +12,7 @@ import functools
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from grpc_reflection.v1alpha import reflection
 
 from cloud.auth import TokenAuthInterceptor
 from cloud.config import ServerConfig
+from cloud.metrics import Metrics
 from cloud.runtime import TailRuntime
 from cloud.service import SplitInferenceService
 from splitnet.v1 import inference_pb2 as pb
-from splitnet.wire import serialize_stream_message, stream_parser
+from splitnet.wire import safe_parser, serialize_stream_message, stream_parser
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +75,14 @@ class CloudServer:
             # Loading and profiling take seconds: keep the loop free meanwhile.
             runtime = await loop.run_in_executor(None, _make_runtime, config)
         executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tail")
-        interceptors = [TokenAuthInterceptor(config.tokens)] if config.tokens else None
+        metrics = Metrics() if config.metrics_port is not None else None
+        interceptors = (
+            [TokenAuthInterceptor(config.tokens, on_refuse=_count_refusals(metrics))]
+            if config.tokens
+            else None
+        )
         server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
-        service = SplitInferenceService(runtime, config, executor)
+        service = SplitInferenceService(runtime, config, executor, metrics)
         server.add_generic_rpc_handlers((_handlers(service),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -98,6 +105,14 @@ class CloudServer:
                 f"cannot listen on {config.host}:{config.port} (in use, or no such address)"
             )
         await server.start()
+        if metrics is not None and config.metrics_port is not None:
+            # TLS on the gRPC port means HTTPS here, with the same certificate.
+            metrics.port = metrics.serve(
+                config.metrics_host,
+                config.metrics_port,
+                certfile=config.tls_cert,
+                keyfile=config.tls_key,
+            )
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         return cls(config, server, service, health_servicer, executor, port)
@@ -120,8 +135,17 @@ class CloudServer:
             f"splitnet-cloud listening on {self.address} device {c.device} | {models} | "
             f"max batch {c.max_batch_size}, queue delay {c.max_queue_delay_us} us, "
             f"in flight {c.max_in_flight}, {c.security}, "
-            f"auth {'bearer token' if c.tokens else 'none'}"
+            f"auth {'bearer token' if c.tokens else 'none'}{self._metrics_banner()}"
         )
+
+    def _metrics_banner(self) -> str:
+        m = self.service.metrics
+        if m is None:
+            return ""
+        scheme = "https" if self.config.tls_cert else "http"
+        host = self.config.metrics_host
+        host = f"[{host}]" if ":" in host else host
+        return f", metrics {scheme}://{host}:{m.port}/metrics"
 
     async def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, let in-flight requests finish (up to ``grace`` s), then stop."""
@@ -130,6 +154,8 @@ class CloudServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s if grace is None else grace)
         await self.service.batcher.close()
+        if self.service.metrics is not None:
+            self.service.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
@@ -163,12 +189,12 @@ def _handlers(service: SplitInferenceService) -> grpc.GenericRpcHandler:
     handlers = {
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             service.GetModelInfo,
-            request_deserializer=pb.ModelInfoRequest.FromString,
+            request_deserializer=safe_parser(pb.ModelInfoRequest),
             response_serializer=pb.ModelInfoResponse.SerializeToString,
         ),
         "Infer": grpc.unary_unary_rpc_method_handler(
             service.Infer,
-            request_deserializer=pb.InferRequest.FromString,
+            request_deserializer=safe_parser(pb.InferRequest),
             response_serializer=pb.InferResponse.SerializeToString,
         ),
         "InferStream": grpc.stream_stream_rpc_method_handler(
@@ -178,6 +204,17 @@ def _handlers(service: SplitInferenceService) -> grpc.GenericRpcHandler:
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _count_refusals(metrics: Metrics | None) -> Callable[[str], None] | None:
+    if metrics is None:
+        return None
+
+    def refused(method: str) -> None:
+        metrics.failed("", "", grpc.StatusCode.UNAUTHENTICATED.name)
+        logger.debug("call to %s refused: UNAUTHENTICATED", method)
+
+    return refused
 
 
 def _make_runtime(config: ServerConfig) -> TailRuntime:

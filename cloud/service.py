@@ -18,11 +18,12 @@ import grpc
 
 from cloud.batcher import DynamicBatcher
 from cloud.config import ServerConfig
+from cloud.metrics import Metrics
 from cloud.runtime import RequestError, TailRuntime
 from splitnet.errors import CodecError
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.v1 import inference_pb2_grpc as pb_grpc
-from splitnet.wire import RawChunk, Reassembler, iter_chunks, strip_payloads
+from splitnet.wire import RawChunk, Reassembler, Unparsable, iter_chunks, strip_payloads
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,21 @@ INLINE_DECODE_BYTES = 64 << 10  # smaller requests are decoded on the event loop
 class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     """Answers GetModelInfo, Infer and InferStream for the models in ``runtime``."""
 
-    def __init__(self, runtime: TailRuntime, config: ServerConfig, executor: Executor) -> None:
+    def __init__(
+        self,
+        runtime: TailRuntime,
+        config: ServerConfig,
+        executor: Executor,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.runtime = runtime
         self.config = config
         self.executor = executor
+        self.metrics = metrics
+        # Metric labels come from here only: names a client invents are counted as "".
+        self._cut_names = {
+            name: frozenset(c.name for c in m.graph.cuts) for name, m in runtime.models.items()
+        }
         self.batcher = DynamicBatcher(
             self._run_batch,
             executor,
@@ -49,8 +61,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
 
     # ---------------------------------------------------------------- RPCs
     async def GetModelInfo(
-        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelInfoRequest | Unparsable, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfoResponse:
+        if isinstance(request, Unparsable):
+            await _abort(context, RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message))
         try:
             resp = self.runtime.model_info(request.model)
         except RequestError as e:
@@ -71,15 +85,20 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         return resp
 
     async def Infer(
-        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+        self, request: pb.InferRequest | Unparsable, context: grpc.aio.ServicerContext
     ) -> pb.InferResponse:
+        if isinstance(request, Unparsable):
+            error = RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            if self.metrics is not None:
+                self.metrics.failed("", "", error.code.name)
+            logger.debug("request ? INVALID_ARGUMENT: %s", request.message)
+            await _abort(context, error)
         if request.chunked_payload_bytes:
-            await _abort(
-                context,
-                RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT, "chunked payloads are for InferStream only"
-                ),
+            error = RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "chunked payloads are for InferStream only"
             )
+            self._failed(request, error, time.perf_counter())
+            await _abort(context, error)
         try:
             return await self._handle(request, None)
         except RequestError as e:
@@ -87,7 +106,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
 
     async def InferStream(
         self,
-        request_iterator: AsyncIterator[pb.StreamRequest | RawChunk],
+        request_iterator: AsyncIterator[pb.StreamRequest | RawChunk | Unparsable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamResponse | RawChunk]:
         order: asyncio.Queue[asyncio.Task[pb.InferResponse] | None] = asyncio.Queue(STREAM_WINDOW)
@@ -104,6 +123,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 for msg in self._response_messages(resp):
                     yield msg
             if protocol_error:
+                if self.metrics is not None:
+                    self.metrics.failed("", "", grpc.StatusCode.INVALID_ARGUMENT.name)
+                logger.debug("stream ended: protocol error: %s", protocol_error[0])
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, protocol_error[0])
         finally:
             reader.cancel()
@@ -115,7 +137,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     # ------------------------------------------------------------- helpers
     async def _read_stream(
         self,
-        requests: AsyncIterator[pb.StreamRequest | RawChunk],
+        requests: AsyncIterator[pb.StreamRequest | RawChunk | Unparsable],
         order: asyncio.Queue[asyncio.Task[pb.InferResponse] | None],
         protocol_error: list[str],
     ) -> None:
@@ -146,7 +168,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                             header = assembler = None
                         continue
                     await order.put(loop.create_task(self._answer(req, None)))
-                elif kind in ("raw_chunk", "chunk"):
+                elif kind in ("raw_chunk", "chunk") and not isinstance(msg, Unparsable):
                     chunk = msg if isinstance(msg, RawChunk) else msg.chunk
                     if header is None or assembler is None or chunk.id != header.id:
                         raise CodecError(f"chunk for request {chunk.id} that was not announced")
@@ -156,6 +178,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                             loop.create_task(self._answer(header, assembler.payloads()))
                         )
                         header = assembler = None
+                elif isinstance(msg, Unparsable):
+                    raise CodecError(msg.message)
                 else:
                     raise CodecError("empty stream message")
             if header is not None:
@@ -180,12 +204,44 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self, request: pb.InferRequest, payloads: Sequence[bytearray] | None
     ) -> pb.InferResponse:
         received = time.perf_counter()
+        try:
+            return await self._serve(request, payloads, received)
+        except RequestError as e:
+            self._failed(request, e, received)
+            raise
+
+    def _labels(self, request: pb.InferRequest) -> tuple[str, str]:
+        cuts = self._cut_names.get(request.model)
+        if cuts is None:
+            return "", ""
+        return request.model, request.cut if request.cut in cuts else ""
+
+    def _failed(self, request: pb.InferRequest, error: RequestError, received: float) -> None:
+        """Count and log (debug) one refused request."""
+        model, cut = self._labels(request)
+        if self.metrics is not None:
+            self.metrics.failed(model, cut, error.code.name)
+        logger.debug(
+            "request %d %s@%s %s %.2fms: %s",
+            request.id,
+            model or "?",
+            cut or "?",
+            error.code.name,
+            (time.perf_counter() - received) * 1e3,
+            error.message,
+        )
+
+    async def _serve(
+        self, request: pb.InferRequest, payloads: Sequence[bytearray] | None, received: float
+    ) -> pb.InferResponse:
         if self.in_flight >= self.config.max_in_flight:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server is at its limit of {self.config.max_in_flight} requests in flight; retry",
             )
         self.in_flight += 1
+        if self.metrics is not None:
+            self.metrics.pending.set(self.in_flight)
         try:
             served, cut = self.runtime.lookup(request)
             sizes = (
@@ -243,8 +299,21 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     total_ms=(done - received) * 1e3,
                 )
             )
+            if self.metrics is not None:
+                self.metrics.ok(
+                    served.name,
+                    cut.name,
+                    samples=batch,
+                    total_s=done - received,
+                    queue_s=result.queue_s,
+                    decode_s=decoded - t0,
+                    compute_s=result.compute_s,
+                    encode_s=encode_s,
+                    bytes_in=sum(sizes),
+                    bytes_out=sum(len(o.payload) for o in outputs),
+                )
             logger.debug(
-                "request %d %s@%s batch=%d %.2fms",
+                "request %d %s@%s OK batch=%d %.2fms",
                 request.id,
                 served.name,
                 cut.name,
@@ -254,6 +323,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             return resp
         finally:
             self.in_flight -= 1
+            if self.metrics is not None:
+                self.metrics.pending.set(self.in_flight)
 
     def _inline(self, key: Hashable) -> bool:
         model, cut = cast(tuple[str, str], key)
@@ -262,7 +333,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
 
     def _run_batch(self, key: Hashable, items: Sequence[Any]) -> list[Any]:
         model, cut = cast(tuple[str, str], key)
-        return self.runtime.run_and_encode(self.runtime.models[model], cut, items)
+        results = self.runtime.run_and_encode(self.runtime.models[model], cut, items)
+        if self.metrics is not None:
+            self.metrics.executed(model, cut, sum(frontier[0].shape[0] for frontier, _ in items))
+        return results
 
     def _response_messages(self, resp: pb.InferResponse) -> list[pb.StreamResponse | RawChunk]:
         payloads = strip_payloads(resp.outputs, self.config.chunk_bytes)

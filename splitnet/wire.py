@@ -58,13 +58,43 @@ def serialize_stream_message(msg: Any) -> bytes:
     return bytes(msg.SerializeToString())
 
 
-def stream_parser(message_type: Any) -> Any:
-    """Deserializer for a stream direction: chunk frames as ``RawChunk`` views, the rest
-    parsed by protobuf as ``message_type``.
+class Unparsable:
+    """What a safe parser returns for bytes that are not the expected message.
+
+    gRPC answers a deserializer's exception with UNKNOWN; the server wants to answer
+    INVALID_ARGUMENT, so its parsers never raise and the handler checks for this.
     """
 
+    def __init__(self, message_type: Any, error: Exception) -> None:
+        self.message = (
+            f"the message is not a valid {message_type.DESCRIPTOR.full_name} "
+            f"({type(error).__name__}: {error})"
+        )
+
+    def WhichOneof(self, _: str) -> None:  # noqa: N802 - mirrors the protobuf message
+        return None
+
+
+def safe_parser(message_type: Any) -> Any:
+    """Deserializer returning ``Unparsable`` instead of raising on malformed bytes."""
+
     def parse(data: bytes) -> Any:
-        return parse_chunk(data) or message_type.FromString(data)
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # protobuf's DecodeError, RuntimeWarning-free
+            return Unparsable(message_type, e)
+
+    return parse
+
+
+def stream_parser(message_type: Any) -> Any:
+    """Deserializer for a stream direction: chunk frames as ``RawChunk`` views, the rest
+    parsed by protobuf as ``message_type`` (``Unparsable`` if it is not one).
+    """
+    safe = safe_parser(message_type)
+
+    def parse(data: bytes) -> Any:
+        return parse_chunk(data) or safe(data)
 
     return parse
 
