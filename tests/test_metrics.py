@@ -143,4 +143,6 @@ def test_metrics_are_off_unless_asked(digits_server: ServerThread) -> None:
 
 def test_plaintext_metrics_off_loopback_are_refused() -> None:
     with pytest.raises(ValueError, match="metrics on 0.0.0.0 in plaintext"):
-        ServerConfig(models=(ModelEntry(name="digits-cnn"),), metrics_port=0, metrics_host="0.0.0.0")
+        ServerConfig(
+            models=(ModelEntry(name="digits-cnn"),), metrics_port=0, metrics_host="0.0.0.0"
+        )
