@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import prometheus_client
+
 from cloud.auth import load_tokens
 from cloud.config import MiB, ModelEntry, ServerConfig
 from cloud.server import CloudServer
@@ -103,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prometheus_client.disable_created_metrics()  # no *_created series: noise on a scrape
     try:
         config = ServerConfig(
             models=tuple(args.model),
