@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,25 @@ def _model(text: str) -> ModelEntry:
     return ModelEntry(name=name, weights=weights or None)
 
 
+def _pin(models: Sequence[ModelEntry], pins: Sequence[str]) -> tuple[ModelEntry, ...]:
+    """Attach each ``NAME=SHA256`` of ``--expect-fingerprint`` to its model."""
+    wanted: dict[str, str] = {}
+    for text in pins:
+        name, _, digest = text.partition("=")
+        if not digest:
+            raise ValueError(f"--expect-fingerprint {text!r}: use NAME=SHA256")
+        wanted[name] = digest
+    unknown = set(wanted) - {m.name for m in models}
+    if unknown:
+        raise ValueError(
+            f"--expect-fingerprint names {', '.join(sorted(unknown))}, which no --model serves"
+        )
+    return tuple(
+        dataclasses.replace(m, fingerprint=wanted[m.name]) if m.name in wanted else m
+        for m in models
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="splitnet-cloud", description=__doc__.split("\n")[0])
@@ -39,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="NAME[=WEIGHTS]",
         help="a model to serve (repeatable), e.g. digits-cnn=digits.safetensors",
+    )
+    p.add_argument(
+        "--expect-fingerprint",
+        action="append",
+        default=[],
+        metavar="NAME=SHA256",
+        help="refuse to start unless model NAME's weights have this fingerprint (the full "
+        "sha256 or its first 16+ hex digits); repeatable",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (printed)")
@@ -108,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prometheus_client.disable_created_metrics()  # no *_created series: noise on a scrape
     try:
         config = ServerConfig(
-            models=tuple(args.model),
+            models=_pin(args.model, args.expect_fingerprint),
             host=args.host,
             port=args.port,
             device=args.device,

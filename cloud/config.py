@@ -17,6 +17,7 @@ class ModelEntry:
     name: str  # registry name, e.g. "digits-cnn" or "torchvision:resnet18"
     weights: str | None = None  # safetensors file; None: the model's deterministic init
     input_shape: tuple[int, ...] | None = None  # None: the registry's default
+    fingerprint: str | None = None  # pinned sha256 (or >= 16-digit prefix), checked at load
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -60,6 +60,8 @@ class _Children:
     duration: Histogram
     bytes_in: Counter
     bytes_out: Counter
+    exec_count: Counter
+    batch_size: Histogram
 
 
 class Metrics:
@@ -151,6 +153,8 @@ class Metrics:
                         duration=self.duration.labels(model, cut),
                         bytes_in=self.bytes_in.labels(model, cut),
                         bytes_out=self.bytes_out.labels(model, cut),
+                        exec_count=self.exec_count.labels(model, cut),
+                        batch_size=self.batch_size.labels(model, cut),
                     )
         return c
 
@@ -188,8 +192,9 @@ class Metrics:
 
     def executed(self, model: str, cut: str, samples: int) -> None:
         """One tail execution over ``samples`` rows."""
-        self.exec_count.labels(model, cut).inc()
-        self.batch_size.labels(model, cut).observe(samples)
+        c = self._of(model, cut)
+        c.exec_count.inc()
+        c.batch_size.observe(samples)
 
     # -------------------------------------------------------------- HTTP
     def serve(

@@ -101,7 +101,12 @@ class TailRuntime:
 
     def _load(self, entry: ModelEntry, profile_runs: int) -> ServedModel:
         spec = resolve(entry.name, entry.input_shape)
-        model = load_model(entry.name, entry.weights, input_shape=spec.input_shape)
+        model = load_model(
+            entry.name,
+            entry.weights,
+            input_shape=spec.input_shape,
+            expect_fingerprint=entry.fingerprint,
+        )
         fp = fingerprint(model)
         x = sample_input(spec.input_shape)
         graph = trace(model, (x,))

@@ -151,17 +151,32 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     expect_fingerprint: str | None = None,
 ) -> nn.Module:
-    """Build the model called ``name``, load ``weights`` if given, and put it in eval mode."""
+    """Build the model called ``name``, load ``weights`` if given, and put it in eval mode.
+
+    ``expect_fingerprint`` pins the weights: the full sha256 or a prefix of at least 16
+    hex digits (as the server's banner prints it); anything else raises
+    ``ModelMismatchError``.
+    """
+    if expect_fingerprint is not None:
+        expect_fingerprint = expect_fingerprint.strip().lower()
+        if len(expect_fingerprint) < 16 or any(
+            c not in "0123456789abcdef" for c in expect_fingerprint
+        ):
+            raise ModelError(
+                f"expected fingerprint {expect_fingerprint!r} for {name!r} must be at least "
+                "16 hex digits of the sha256 (splitnet train and splitnet-cloud print it)"
+            )
     model = build(resolve(name, input_shape))
     if weights is not None:
         load_weights(model, weights)
     model.eval()
     if expect_fingerprint is not None:
         got = fingerprint(model)
-        if got != expect_fingerprint:
+        if not got.startswith(expect_fingerprint):
+            source = f"weights {str(weights)!r}" if weights is not None else "its initial weights"
             raise ModelMismatchError(
-                f"model {name!r} has fingerprint {got[:16]}..., "
-                f"expected {expect_fingerprint[:16]}..."
+                f"model {name!r} with {source} has fingerprint {got[:16]}..., but "
+                f"{expect_fingerprint[:16]}... is pinned: refusing to load other weights"
             )
     return model
 

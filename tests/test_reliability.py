@@ -100,3 +100,33 @@ def test_in_process_server_answers_unparsable_unary(digits_server: ServerThread)
                 call(b"\x0a\xff\xff", timeout=5)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "not a valid splitnet.v1." in (err.value.details() or "")
+
+
+def test_pinned_fingerprint_is_checked_at_start_up(digits_weights: Path, ref: Reference) -> None:
+    import subprocess
+    import sys
+
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloud.cli",
+            "--model",
+            f"digits-cnn={digits_weights}",
+            "--expect-fingerprint",
+            "digits-cnn=" + "0" * 64,
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert wrong.returncode == 2
+    assert "is pinned: refusing to load other weights" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    s = Server(digits_weights, "--expect-fingerprint", f"digits-cnn={ref.fingerprint[:16]}")
+    try:
+        assert ref.fingerprint[:16] in s.banner
+    finally:
+        s.kill()
