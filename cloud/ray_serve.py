@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 
@@ -132,8 +132,9 @@ class _ServeBatcher(DynamicBatcher):
         self._submit = submit  # the deployment's @serve.batch method
 
     async def submit(self, key: Hashable, item: Any, samples: int = 1) -> BatchResult:
-        model, cut = key  # type: ignore[misc]
-        result: BatchResult = await self._submit(_Item((model, cut), item, samples))
+        result: BatchResult = await self._submit(
+            _Item(cast(tuple[str, str], key), item, samples)
+        )
         return result
 
     async def close(self) -> None:
@@ -206,7 +207,7 @@ class SplitInferenceDeployment:
         try:
             if not self._authorized(ctx):
                 await self._deny(ctx)
-            return await self.service.GetModelInfo(request, ctx)  # type: ignore[arg-type]
+            return await self.service.GetModelInfo(request, ctx)
         except _Aborted:
             return pb.ModelInfoResponse()
 
@@ -218,7 +219,7 @@ class SplitInferenceDeployment:
         try:
             if not self._authorized(ctx):
                 await self._deny(ctx)
-            return await self.service.Infer(request, ctx)  # type: ignore[arg-type]
+            return await self.service.Infer(request, ctx)
         except _Aborted:
             return pb.InferResponse()
 
@@ -237,7 +238,7 @@ class SplitInferenceDeployment:
             except _Aborted as e:
                 raise SplitNetError(str(e)) from None
         try:
-            async for msg in self.service.InferStream(request_stream, ctx):  # type: ignore[arg-type]
+            async for msg in self.service.InferStream(request_stream, ctx):
                 if isinstance(msg, RawChunk):  # Ray serializes with protobuf: same bytes
                     yield pb.StreamResponse(chunk=pb.Chunk(id=msg.id, data=bytes(msg.data)))
                 else:
@@ -269,7 +270,8 @@ def build_app(config: RayServeConfig) -> Any:
         }
     else:
         options["num_replicas"] = config.replicas
-    deployment = serve.deployment(SplitInferenceDeployment).options(**options)
+    deployment: Any = serve.deployment(SplitInferenceDeployment)
+    deployment = deployment.options(**options)
     return deployment.bind(config.server)
 
 
