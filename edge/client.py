@@ -603,9 +603,13 @@ def default_lb_policy(target: str) -> str:
 
 
 def lb_options(policy: str) -> list[tuple[str, str]]:
-    """The channel option that selects a load-balancing policy (a default service config)."""
+    """The channel option that selects a load-balancing policy (a default service config);
+    none for ``pick_first``, gRPC's own default.
+    """
     if policy not in ("round_robin", "pick_first"):
         raise ValueError(f"lb_policy must be round_robin or pick_first, got {policy!r}")
+    if policy == "pick_first":
+        return []
     return [("grpc.service_config", json.dumps({"loadBalancingConfig": [{policy: {}}]}))]
 
 

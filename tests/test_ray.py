@@ -5,6 +5,7 @@ proxy as the EdgeClient's target, results compared with the unsplit local model.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -34,6 +35,8 @@ from splitnet.models import fingerprint, load_model  # noqa: E402
 from splitnet.v1 import inference_pb2 as pb  # noqa: E402
 from splitnet.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
+TOKEN = secrets.token_urlsafe(24)  # the deployment requires it; checked in the replica
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
 # Batched outputs differ from unbatched ones in the last bits (see test_serving).
 BATCH_ATOL = 1e-5
 
@@ -69,6 +72,8 @@ def ray_target(digits_weights: Path) -> Iterator[str]:
             models=(ModelEntry(name="digits-cnn", weights=str(digits_weights)),),
             profile_runs=1,
             workers=1,
+            chunk_bytes=16,  # outputs (40 bytes) go back in chunks on streams
+            tokens=frozenset({TOKEN}),
         ),
         num_cpus_cluster=2,
         grpc_port=port,
@@ -98,7 +103,7 @@ def test_edge_client_through_ray_equals_local(ray_target: str, digits_weights: P
     x = xs[:4]
     with torch.no_grad():
         want = local(x)
-    with EdgeClient(ray_target, "digits-cnn", weights=digits_weights) as client:
+    with EdgeClient(ray_target, "digits-cnn", weights=digits_weights, token=TOKEN) as client:
         for cut in ("input", "stem.2", "block.conv1", "pool1", "fc1", "output"):
             for codec in ("raw", "zstd:1"):
                 client.use(cut=cut, codec=codec)
@@ -117,6 +122,15 @@ def test_edge_client_through_ray_equals_local(ray_target: str, digits_weights: P
     for x1, r in zip(singles, results, strict=True):
         with torch.no_grad():
             torch.testing.assert_close(r.output, local(x1), atol=BATCH_ATOL, rtol=0)
+    # Chunked payloads both ways: the frontier (2 KiB) in 256-byte chunks, outputs in 16.
+    with EdgeClient(
+        ray_target, "digits-cnn", weights=digits_weights, cut="pool1", chunk_bytes=256, token=TOKEN
+    ) as client:
+        results = list(client.infer_many(singles[:8]))
+    for x1, r in zip(singles[:8], results, strict=True):
+        with torch.no_grad():
+            torch.testing.assert_close(r.output, local(x1), atol=BATCH_ATOL, rtol=0)
+        assert r.timing.bytes_sent > 2048
 
 
 def test_sixteen_clients_batch_across_replicas(
@@ -126,7 +140,7 @@ def test_sixteen_clients_batch_across_replicas(
     with torch.no_grad():
         want = local(xs)
     clients = [
-        EdgeClient(ray_target, "digits-cnn", weights=digits_weights, cut="pool1")
+        EdgeClient(ray_target, "digits-cnn", weights=digits_weights, cut="pool1", token=TOKEN)
         for _ in range(16)
     ]
     errors: list[BaseException] = []
@@ -182,19 +196,22 @@ def test_bad_requests_get_the_standalone_codes(
         "output codec": grpc.StatusCode.INVALID_ARGUMENT,
     }
     answers: dict[str, dict[str, tuple[grpc.StatusCode, str]]] = {}
-    for host, address in (("ray", ray_target), ("standalone", digits_server.address)):
+    for host, address, auth in (
+        ("ray", ray_target, AUTH),
+        ("standalone", digits_server.address, None),
+    ):
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.SplitInferenceStub(channel)
             answers[host] = {}
             for name, request in bad.items():
                 with pytest.raises(grpc.RpcError) as info:
-                    stub.Infer(request, timeout=20)
+                    stub.Infer(request, timeout=20, metadata=auth)
                 answers[host][name] = (info.value.code(), info.value.details())
             # Still serving, and correct, after all that.
             ok = pb.InferRequest(
                 model="digits-cnn", cut="pool1", fingerprint=fp, frontier=[good]
             )
-            assert len(stub.Infer(ok, timeout=20).outputs) == 1
+            assert len(stub.Infer(ok, timeout=20, metadata=auth).outputs) == 1
     for name, code in want.items():
         assert answers["ray"][name][0] == code, (name, answers["ray"][name])
         assert answers["ray"][name] == answers["standalone"][name], name
@@ -213,7 +230,18 @@ def test_stream_errors_stay_in_band_through_ray(ray_target: str, digits_weights:
         ),
     ]
     with grpc.insecure_channel(ray_target) as channel:
-        answers = list(pb_grpc.SplitInferenceStub(channel).InferStream(iter(requests), timeout=30))
+        stub = pb_grpc.SplitInferenceStub(channel)
+        answers = list(stub.InferStream(iter(requests), timeout=30, metadata=AUTH))
+        # Without the token: refused, on every RPC.
+        for call in (
+            lambda: stub.GetModelInfo(pb.ModelInfoRequest(), timeout=20),
+            lambda: stub.Infer(requests[0].request, timeout=20),
+            lambda: list(stub.InferStream(iter(requests), timeout=20)),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    answers = [a for a in answers if a.WhichOneof("kind") == "response"]  # not the chunks
     assert [a.response.id for a in answers] == [1, 2, 3]
     assert len(answers[0].response.outputs) == 1 and len(answers[2].response.outputs) == 1
     assert answers[1].response.error.code == grpc.StatusCode.NOT_FOUND.value[0]
@@ -232,7 +260,9 @@ def test_killed_replica_is_replaced_and_requests_stay_correct(
 
     # Built here, not in the threads: tracing patches torch globally (README, Limits).
     clients = [
-        EdgeClient(ray_target, "digits-cnn", weights=digits_weights, cut="pool1", retries=5)
+        EdgeClient(
+            ray_target, "digits-cnn", weights=digits_weights, cut="pool1", retries=5, token=TOKEN
+        )
         for _ in range(4)
     ]
 
