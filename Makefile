@@ -7,13 +7,13 @@ STAMP := $(VENV)/.installed-stamp
 WEIGHTS := .cache/digits-cnn.safetensors
 PROTOS := $(wildcard proto/splitnet/v1/*.proto)
 
-.PHONY: install test lint demo proto sweep soak bench-codecs bench-overhead lock clean
+.PHONY: install test lint demo proto sweep soak bench-codecs bench-overhead bench-ray lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt 'setuptools>=77'
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation \
-		-c constraints.txt -e '.[dev,vision]'
+		-c constraints.txt -e '.[dev,vision,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -69,6 +69,10 @@ soak: $(WEIGHTS)
 
 bench-overhead: $(STAMP)
 	$(PY) -m benchmarks.overhead
+
+# Standalone vs Ray Serve with 1 and 2 replicas, 16 concurrent edge clients.
+bench-ray: $(WEIGHTS)
+	$(PY) -m benchmarks.ray_scale --weights $(WEIGHTS)
 
 # Re-pin the development set after changing dependencies.
 lock: $(STAMP)

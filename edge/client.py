@@ -15,6 +15,7 @@ on the device and marks the result ``fallback=True``; ``fallback="error"`` raise
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import queue
 import random
@@ -118,6 +119,7 @@ class EdgeClient:
         tls_ca: str | Path | None = None,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        lb_policy: str | None = None,
     ) -> None:
         if fallback not in ("error", "local"):
             raise ValueError("fallback must be 'error' or 'local'")
@@ -152,6 +154,9 @@ class EdgeClient:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("a client certificate needs both tls_cert and tls_key")
         self._tls = (tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
+        # How calls spread over the addresses a target resolves to (see lb_options).
+        self.lb_policy = lb_policy or default_lb_policy(target)
+        lb_options(self.lb_policy)  # an unknown policy fails here, not at connect
         # cut="auto": planned at connect, re-planned as the link moves (see edge.auto).
         self.auto: AutoPlan | None = None
         self._auto_args: (
@@ -185,6 +190,7 @@ class EdgeClient:
             ("grpc.enable_retries", 0),  # retries are ours, with backoff and a deadline
             ("grpc.initial_reconnect_backoff_ms", 100),  # find a restarted server quickly
             ("grpc.max_reconnect_backoff_ms", 2_000),
+            *lb_options(self.lb_policy),
         ]
         if self._tls is None:
             self._channel = grpc.insecure_channel(self.target, options=options)
@@ -582,6 +588,29 @@ class EdgeClient:
         """Emulate a device ``edge_slowdown`` times slower than this machine."""
         if self.edge_slowdown > 1:
             time.sleep((time.perf_counter() - started) * (self.edge_slowdown - 1))
+
+
+def default_lb_policy(target: str) -> str:
+    """``round_robin`` for targets that can name several servers, else ``pick_first``.
+
+    A ``dns:///`` name (a Kubernetes headless Service resolves to every ready pod) or an
+    ``ipv4:``/``ipv6:`` list gets a connection to each address and calls spread over
+    them; gRPC's default, ``pick_first``, would send everything to one pod for as long
+    as the connection lives.
+    """
+    several = target.startswith("dns:") or (target.startswith(("ipv4:", "ipv6:")) and "," in target)
+    return "round_robin" if several else "pick_first"
+
+
+def lb_options(policy: str) -> list[tuple[str, str]]:
+    """The channel option that selects a load-balancing policy (a default service config);
+    none for ``pick_first``, gRPC's own default.
+    """
+    if policy not in ("round_robin", "pick_first"):
+        raise ValueError(f"lb_policy must be round_robin or pick_first, got {policy!r}")
+    if policy == "pick_first":
+        return []
+    return [("grpc.service_config", json.dumps({"loadBalancingConfig": [{policy: {}}]}))]
 
 
 def _code_tuple(number: int) -> tuple[int, str]:
