@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from collections.abc import Sequence
 import prometheus_client
 
 from cloud.auth import load_tokens
-from cloud.config import MiB, ModelEntry, ServerConfig
+from cloud.config import MiB, ModelEntry, ServerConfig, pin_fingerprints
 from cloud.server import CloudServer
 from splitnet.errors import SplitNetError
 
@@ -28,25 +27,6 @@ def _model(text: str) -> ModelEntry:
     if not name:
         raise argparse.ArgumentTypeError(f"invalid --model {text!r}: use NAME or NAME=WEIGHTS")
     return ModelEntry(name=name, weights=weights or None)
-
-
-def _pin(models: Sequence[ModelEntry], pins: Sequence[str]) -> tuple[ModelEntry, ...]:
-    """Attach each ``NAME=SHA256`` of ``--expect-fingerprint`` to its model."""
-    wanted: dict[str, str] = {}
-    for text in pins:
-        name, _, digest = text.partition("=")
-        if not digest:
-            raise ValueError(f"--expect-fingerprint {text!r}: use NAME=SHA256")
-        wanted[name] = digest
-    unknown = set(wanted) - {m.name for m in models}
-    if unknown:
-        raise ValueError(
-            f"--expect-fingerprint names {', '.join(sorted(unknown))}, which no --model serves"
-        )
-    return tuple(
-        dataclasses.replace(m, fingerprint=wanted[m.name]) if m.name in wanted else m
-        for m in models
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prometheus_client.disable_created_metrics()  # no *_created series: noise on a scrape
     try:
         config = ServerConfig(
-            models=_pin(args.model, args.expect_fingerprint),
+            models=pin_fingerprints(args.model, args.expect_fingerprint),
             host=args.host,
             port=args.port,
             device=args.device,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from splitnet.wire import CHUNK_BYTES
 
@@ -107,3 +108,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def pin_fingerprints(models: Sequence[ModelEntry], pins: Sequence[str]) -> tuple[ModelEntry, ...]:
+    """Attach each ``NAME=SHA256`` of ``--expect-fingerprint`` to its model."""
+    wanted: dict[str, str] = {}
+    for text in pins:
+        name, _, digest = text.partition("=")
+        if not digest:
+            raise ValueError(f"--expect-fingerprint {text!r}: use NAME=SHA256")
+        wanted[name] = digest
+    unknown = set(wanted) - {m.name for m in models}
+    if unknown:
+        raise ValueError(
+            f"--expect-fingerprint names {', '.join(sorted(unknown))}, which no --model serves"
+        )
+    return tuple(replace(m, fingerprint=wanted[m.name]) if m.name in wanted else m for m in models)

@@ -41,7 +41,7 @@ import grpc
 
 from cloud.auth import TokenAuthInterceptor, load_tokens
 from cloud.batcher import BatchResult, DynamicBatcher
-from cloud.config import MiB, ModelEntry, ServerConfig
+from cloud.config import MiB, ServerConfig, pin_fingerprints
 from cloud.runtime import TailRuntime
 from cloud.service import SplitInferenceService
 from splitnet.errors import SplitNetError
@@ -324,7 +324,7 @@ def _autoscale(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``splitnet-cloud ray``."""
-    from cloud.cli import _model
+    from cloud.cli import _model  # the same NAME[=WEIGHTS] syntax
 
     p = argparse.ArgumentParser(
         prog="splitnet-cloud ray",
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_model, action="append", required=True,
                    metavar="NAME[=WEIGHTS]", help="a model to serve (repeatable); weights must "
                    "be readable at this path on every Ray node")  # fmt: skip
+    p.add_argument("--expect-fingerprint", action="append", default=[], metavar="NAME=SHA256",
+                   help="refuse to deploy unless NAME's weights have this fingerprint")  # fmt: skip
     p.add_argument("--address", default=None,
                    help="Ray cluster to deploy on ('auto', 'ray://head:10001'); default: start "
                    "a local Ray and serve until Ctrl-C")  # fmt: skip
@@ -368,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RayServeConfig:
     """Fill the typed configs from parsed arguments."""
     server = ServerConfig(
-        models=tuple(ModelEntry(name=m.name, weights=m.weights) for m in args.model),
+        models=pin_fingerprints(args.model, args.expect_fingerprint),
         device=args.device,
         workers=args.workers,
         max_decoded_bytes=args.max_decoded_mb * MiB,
