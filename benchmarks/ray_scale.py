@@ -41,8 +41,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def load(target: str, args: argparse.Namespace) -> dict[str, Any]:
-    """``args.clients`` clients x ``args.requests`` requests; latency per request."""
+def load(target: str, args: argparse.Namespace, requests: int | None = None) -> dict[str, Any]:
+    """``args.clients`` clients x ``requests`` (default ``args.requests``) requests each."""
+    n_requests = requests or args.requests
     xs = load_digits()["test"].x
     # Built before the threads start: tracing patches torch globally.
     clients = [
@@ -63,8 +64,8 @@ def load(target: str, args: argparse.Namespace) -> dict[str, Any]:
         mine: list[float] = []
         sizes: list[int] = []
         start.wait()
-        for i in range(args.requests):
-            x = xs[(k * args.requests + i) % len(xs)].unsqueeze(0)
+        for i in range(n_requests):
+            x = xs[(k * n_requests + i) % len(xs)].unsqueeze(0)
             t0 = time.perf_counter()
             try:
                 r = client.infer(x)
@@ -123,17 +124,34 @@ def standalone(args: argparse.Namespace) -> dict[str, Any]:
         proc.wait(30)
 
 
+def _replicas_running() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get("splitnet")
+    if app is None:
+        return 0
+    states: list[Any] = [d.replica_states for d in app.deployments.values()]
+    return sum(int(st.get("RUNNING", 0)) for st in states)  # keyed by ReplicaState (a str)
+
+
+def _watch(done: threading.Event, counts: list[tuple[float, int]], started: float) -> None:
+    """Record (seconds, running replicas) every half second until ``done``."""
+    while not done.wait(0.5):
+        counts.append((time.perf_counter() - started, _replicas_running()))
+
+
 def on_ray(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One local Ray; the app deployed with 1, then 2 replicas."""
+    """One local Ray; the app deployed with 1, then 2 replicas, then autoscaling 1..2
+    (upscale after 1 s of demand), watching the replica count while the clients run."""
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     from cloud.config import ModelEntry, ServerConfig
     from cloud.ray_serve import RayServeConfig, deploy, shutdown
 
     port = _free_port()
     http = _free_port()
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
-        for replicas in (1, 2):
+        for replicas, autoscale in ((1, None), (2, None), (1, (1, 2))):
             config = RayServeConfig(
                 server=ServerConfig(
                     models=(ModelEntry(name="digits-cnn", weights=str(args.weights)),),
@@ -144,15 +162,47 @@ def on_ray(args: argparse.Namespace) -> list[dict[str, Any]]:
                 grpc_port=port,
                 http_port=http,
                 replicas=replicas,
+                autoscale=autoscale,
+                target_ongoing_requests=4,
+                upscale_delay_s=1.0,
+                # Serve decides on a 30 s look-back of metrics by default; a short run
+                # needs faster metrics to see the scaling at all.
+                autoscaling_options={"metrics_interval_s": 0.5, "look_back_period_s": 2.0},
                 num_cpus=args.replica_cpus,
             )
+            if rows:  # each setup starts from nothing (autoscaling from 1 replica)
+                from ray import serve
+
+                serve.delete("splitnet")
             t0 = time.perf_counter()
             deploy(config)
             ready = time.perf_counter() - t0
+            counts: list[tuple[float, int]] = []
+            done = threading.Event()
+
+            watcher = threading.Thread(
+                target=_watch, args=(done, counts, time.perf_counter()), daemon=True
+            )
+            watcher.start()
+            try:
+                result = load(
+                    f"127.0.0.1:{port}",
+                    args,
+                    requests=args.requests * (args.autoscale_factor if autoscale else 1),
+                )
+            finally:
+                done.set()
+                watcher.join()
+            scaled = next((t for t, n in counts if n > counts[0][1]), None) if counts else None
             row = {
-                "setup": f"ray {replicas} replica(s)",
+                "setup": f"ray autoscale {autoscale[0]}..{autoscale[1]}"
+                if autoscale
+                else f"ray {replicas} replica(s)",
                 "deploy_s": ready,
-                **load(f"127.0.0.1:{port}", args),
+                "replicas_start": counts[0][1] if counts else None,
+                "replicas_max": max((n for _, n in counts), default=None),
+                "scaled_up_after_s": scaled,
+                **result,
             }
             rows.append(row)
             print(_line(row), flush=True)
@@ -166,6 +216,12 @@ def _line(row: dict[str, Any]) -> str:
         f"{row['setup']:<20} {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:6.1f} ms  "
         f"p99 {row['p99_ms']:6.1f} ms  mean batch {row['mean_batch']:.2f}  "
         f"errors {row['errors']}"
+        + (
+            f"  replicas {row['replicas_start']}->{row['replicas_max']}"
+            + (f" (after {row['scaled_up_after_s']:.1f} s)" if row["scaled_up_after_s"] else "")
+            if row.get("replicas_start") is not None
+            else ""
+        )
     )
 
 
@@ -175,6 +231,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=40, help="per client")
     p.add_argument("--warmup", type=int, default=3, help="per client, not measured")
+    p.add_argument("--autoscale-factor", type=int, default=5,
+                   help="the autoscaling run sends this many times more requests")  # fmt: skip
     p.add_argument("--cut", default="input", help="input: the whole model runs in the cloud")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica reserves")
     p.add_argument("--out", type=Path, default=Path("out/ray-scale"))

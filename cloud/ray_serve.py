@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
@@ -70,6 +70,9 @@ class RayServeConfig:
     replicas: int = 1  # fixed replica count (ignored with autoscaling)
     autoscale: tuple[int, int] | None = None  # (min, max) replicas: Serve autoscaling
     target_ongoing_requests: float = 8.0  # autoscaling: requests per replica it aims for
+    upscale_delay_s: float = 30.0  # autoscaling: sustained demand before adding replicas
+    downscale_delay_s: float = 600.0  # autoscaling: sustained idleness before removing
+    autoscaling_options: Mapping[str, Any] = field(default_factory=dict)  # more of Serve's
     max_ongoing_requests: int = 32  # requests one replica takes at once (>= max batch)
     num_cpus: float = 1.0  # CPUs reserved per replica (fractions allowed)
     num_gpus: float = 0.0  # GPUs reserved per replica
@@ -79,6 +82,8 @@ class RayServeConfig:
             raise ValueError("replicas and max_ongoing_requests must be at least 1")
         if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] > 0:
             raise ValueError("autoscale needs 0 <= MIN <= MAX and MAX >= 1")
+        if min(self.upscale_delay_s, self.downscale_delay_s) < 0:
+            raise ValueError("upscale and downscale delays must be >= 0")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.target_ongoing_requests <= 0:
             raise ValueError("num_cpus and num_gpus must be >= 0, target_ongoing_requests > 0")
         for port in (self.grpc_port, self.http_port):
@@ -132,9 +137,7 @@ class _ServeBatcher(DynamicBatcher):
         self._submit = submit  # the deployment's @serve.batch method
 
     async def submit(self, key: Hashable, item: Any, samples: int = 1) -> BatchResult:
-        result: BatchResult = await self._submit(
-            _Item(cast(tuple[str, str], key), item, samples)
-        )
+        result: BatchResult = await self._submit(_Item(cast(tuple[str, str], key), item, samples))
         return result
 
     async def close(self) -> None:
@@ -267,6 +270,9 @@ def build_app(config: RayServeConfig) -> Any:
             "min_replicas": config.autoscale[0],
             "max_replicas": config.autoscale[1],
             "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s,
+            "downscale_delay_s": config.downscale_delay_s,
+            **config.autoscaling_options,
         }
     else:
         options["num_replicas"] = config.replicas
@@ -346,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoscale between MIN and MAX replicas instead")  # fmt: skip
     p.add_argument("--target-ongoing-requests", type=float, default=8.0,
                    help="autoscaling: requests in flight per replica to aim for")  # fmt: skip
+    p.add_argument("--upscale-delay", type=float, default=30.0,
+                   help="autoscaling: seconds of demand before adding a replica")  # fmt: skip
+    p.add_argument("--downscale-delay", type=float, default=600.0,
+                   help="autoscaling: seconds of idleness before removing one")  # fmt: skip
     p.add_argument("--max-ongoing-requests", type=int, default=32,
                    help="requests one replica takes at once")  # fmt: skip
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (0.5 is fine)")
@@ -390,6 +400,8 @@ def config_from_args(args: argparse.Namespace) -> RayServeConfig:
         replicas=args.replicas,
         autoscale=args.autoscale,
         target_ongoing_requests=args.target_ongoing_requests,
+        upscale_delay_s=args.upscale_delay,
+        downscale_delay_s=args.downscale_delay,
         max_ongoing_requests=args.max_ongoing_requests,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
