@@ -41,7 +41,8 @@ def test_manifest_deployment_and_headless_service() -> None:
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"].items() <= labels.items()
     (container,) = pod["spec"]["containers"]
-    (port,) = container["ports"]
+    ports = {p["name"]: p for p in container["ports"]}
+    port = ports["grpc"]
     (service_port,) = service["spec"]["ports"]
     assert service_port["targetPort"] == port["name"] and service_port["port"] == port["containerPort"]
     # Readiness and liveness through gRPC health checking on the serving port.
@@ -59,6 +60,9 @@ def test_manifest_deployment_and_headless_service() -> None:
         next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "models")
     )
     assert pod["spec"]["terminationGracePeriodSeconds"] > args.grace
+    # Metrics on the declared port, where the scrape annotation points.
+    assert args.metrics_port == ports["metrics"]["containerPort"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
 
 
 def test_default_lb_policy() -> None:
