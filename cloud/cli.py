@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import prometheus_client
 
 from cloud.auth import load_tokens
-from cloud.config import MiB, ModelEntry, ServerConfig, pin_fingerprints
+from cloud.config import MiB, ModelEntry, ServerConfig, pin_fingerprints, set_input_shapes
 from cloud.server import CloudServer
 from splitnet.errors import SplitNetError
 
@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="NAME[=WEIGHTS]",
         help="a model to serve (repeatable), e.g. digits-cnn=digits.safetensors",
+    )
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=SHAPE",
+        help="input shape of model NAME with batch, e.g. my.mod:net=1,3,224,224 (needed for "
+        "pkg.module:callable models); repeatable",
     )
     p.add_argument(
         "--expect-fingerprint",
@@ -121,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prometheus_client.disable_created_metrics()  # no *_created series: noise on a scrape
     try:
         config = ServerConfig(
-            models=pin_fingerprints(args.model, args.expect_fingerprint),
+            models=set_input_shapes(
+                pin_fingerprints(args.model, args.expect_fingerprint), args.input_shape
+            ),
             host=args.host,
             port=args.port,
             device=args.device,

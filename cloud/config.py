@@ -110,17 +110,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def pin_fingerprints(models: Sequence[ModelEntry], pins: Sequence[str]) -> tuple[ModelEntry, ...]:
-    """Attach each ``NAME=SHA256`` of ``--expect-fingerprint`` to its model."""
+def _per_model(models: Sequence[ModelEntry], specs: Sequence[str], flag: str) -> dict[str, str]:
+    """``NAME=VALUE`` options, checked against the served models' names."""
     wanted: dict[str, str] = {}
-    for text in pins:
-        name, _, digest = text.partition("=")
-        if not digest:
-            raise ValueError(f"--expect-fingerprint {text!r}: use NAME=SHA256")
-        wanted[name] = digest
+    for text in specs:
+        name, _, value = text.rpartition("=")
+        if not name or not value:
+            raise ValueError(f"{flag} {text!r}: use NAME=VALUE, NAME as given to --model")
+        wanted[name] = value
     unknown = set(wanted) - {m.name for m in models}
     if unknown:
-        raise ValueError(
-            f"--expect-fingerprint names {', '.join(sorted(unknown))}, which no --model serves"
-        )
+        raise ValueError(f"{flag} names {', '.join(sorted(unknown))}, which no --model serves")
+    return wanted
+
+
+def pin_fingerprints(models: Sequence[ModelEntry], pins: Sequence[str]) -> tuple[ModelEntry, ...]:
+    """Attach each ``NAME=SHA256`` of ``--expect-fingerprint`` to its model."""
+    wanted = _per_model(models, pins, "--expect-fingerprint")
     return tuple(replace(m, fingerprint=wanted[m.name]) if m.name in wanted else m for m in models)
+
+
+def set_input_shapes(models: Sequence[ModelEntry], specs: Sequence[str]) -> tuple[ModelEntry, ...]:
+    """Attach each ``NAME=1,3,224,224`` of ``--input-shape`` to its model."""
+    wanted = _per_model(models, specs, "--input-shape")
+    out = []
+    for m in models:
+        if m.name in wanted:
+            try:
+                shape = tuple(int(d) for d in wanted[m.name].replace("x", ",").split(","))
+            except ValueError:
+                raise ValueError(
+                    f"--input-shape {m.name}={wanted[m.name]}: give dimensions like 1,3,224,224"
+                ) from None
+            if not shape or min(shape) <= 0:
+                raise ValueError(f"--input-shape {m.name}: dimensions must be positive")
+            m = replace(m, input_shape=shape)
+        out.append(m)
+    return tuple(out)

@@ -41,7 +41,7 @@ import grpc
 
 from cloud.auth import TokenAuthInterceptor, load_tokens
 from cloud.batcher import BatchResult, DynamicBatcher
-from cloud.config import MiB, ServerConfig, pin_fingerprints
+from cloud.config import MiB, ServerConfig, pin_fingerprints, set_input_shapes
 from cloud.runtime import TailRuntime
 from cloud.service import SplitInferenceService
 from splitnet.errors import SplitNetError
@@ -339,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_model, action="append", required=True,
                    metavar="NAME[=WEIGHTS]", help="a model to serve (repeatable); weights must "
                    "be readable at this path on every Ray node")  # fmt: skip
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=SHAPE",
+        help="input shape of model NAME with batch, e.g. my.mod:net=1,3,224,224 (needed for "
+        "pkg.module:callable models); repeatable",
+    )
     p.add_argument("--expect-fingerprint", action="append", default=[], metavar="NAME=SHA256",
                    help="refuse to deploy unless NAME's weights have this fingerprint")  # fmt: skip
     p.add_argument("--address", default=None,
@@ -380,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RayServeConfig:
     """Fill the typed configs from parsed arguments."""
     server = ServerConfig(
-        models=pin_fingerprints(args.model, args.expect_fingerprint),
+        models=set_input_shapes(
+            pin_fingerprints(args.model, args.expect_fingerprint), args.input_shape
+        ),
         device=args.device,
         workers=args.workers,
         max_decoded_bytes=args.max_decoded_mb * MiB,

@@ -265,12 +265,11 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 )
             decoded = time.perf_counter()
             try:
-                result = await asyncio.wait_for(
-                    self.batcher.submit(
+                # asyncio.timeout, not wait_for: no extra task per request.
+                async with asyncio.timeout(self.config.request_timeout_s):
+                    result = await self.batcher.submit(
                         (served.name, cut.name), (frontier, request.output_codec), batch
-                    ),
-                    self.config.request_timeout_s,
-                )
+                    )
             except TimeoutError:
                 raise RequestError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,

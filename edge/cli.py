@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from edge.client import EdgeClient, InferResult
+from splitnet.cli import parse_shape
 from splitnet.errors import SplitNetError
 
 __all__ = ["main"]
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--server", required=True, help="HOST:PORT of splitnet-cloud")
     r.add_argument("--model", required=True, help="model name, as the server serves it")
     r.add_argument("--weights", default=None, help="the same weights the server loaded")
+    r.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        default=None,
+        help="input shape with batch, e.g. 1,3,224,224 (needed for pkg.module:callable models)",
+    )
     r.add_argument(
         "--cut",
         default="input",
@@ -145,6 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.server,
         args.model,
         weights=args.weights,
+        input_shape=args.input_shape,
         cut=args.cut,
         codec=args.codec,
         deadline_s=args.deadline,

@@ -536,3 +536,67 @@ def test_edge_cli_test_set_and_files(
     )
     assert bad.returncode == 2 and "unsupported input type" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_own_model_through_both_commands(tmp_path: Path) -> None:
+    """A pkg.module:callable model needs --input-shape on both commands; with it, the
+    split result equals the model run locally."""
+    import json
+
+    import numpy as np
+
+    from splitnet.models import load_model
+
+    name = "benchmarks.overhead:tiny"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cloud.cli",
+            "--model",
+            name,
+            "--port",
+            "0",
+            "--profile-runs",
+            "0",
+            "--input-shape",
+            f"{name}=1,4",
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "listening on" in line, line + server.stdout.read()
+        address = line.split("listening on ")[1].split()[0]
+        x = torch.randn(2, 4)
+        np.save(tmp_path / "x.npy", x.numpy())
+        base = [sys.executable, "-m", "edge.cli", "run", "--server", address, "--model", name]
+        missing = subprocess.run(base + [str(tmp_path / "x.npy")], capture_output=True, text=True)
+        assert missing.returncode == 2 and "--input-shape" in missing.stderr
+        assert "Traceback" not in missing.stderr
+        out = subprocess.run(
+            base + ["--input-shape", "1,4", "--json", str(tmp_path / "x.npy")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        with torch.no_grad():  # the registry builds it seeded: the same weights everywhere
+            want = load_model(name, input_shape=(1, 4))(x).argmax(1).tolist()
+        assert json.loads(out.stdout)["predictions"][0] == want
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_input_shape_for_an_unserved_model_is_refused() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cloud.cli", "--model", "digits-cnn", "--input-shape", "x:y=1,4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "--input-shape names x:y, which no --model serves" in out.stderr
