@@ -199,8 +199,7 @@ def main() -> None:
             ModelEntry(name="benchmarks.overhead:tiny", input_shape=TINY_SHAPE),
             ModelEntry(name="benchmarks.overhead:bulk", input_shape=BULK_SHAPE),
         ),
-        port=0,
-        profile_runs=0,
+        port=0,  # default profiling: tiny tails then take the server's inline path
         max_message_bytes=64 * MiB,
     )
     server = BackgroundServer(config)
