@@ -17,8 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import queue
+import re
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -36,6 +40,7 @@ from edge.client import EdgeClient
 MiB = 1 << 20
 BULK_SHAPE = (1, 4, 1024, 1024)  # 16 MiB of float32
 TINY_SHAPE = (1, 4)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Tiny(nn.Module):
@@ -175,6 +180,78 @@ def splitnet_times(address: str, model: str, shape: tuple[int, ...], n: int) -> 
         return times
 
 
+# ------------------------------------------------- CPU per request, per side
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _switches(pid: int) -> int:
+    """Context switches of all the process's threads so far."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if "ctxt_switches" in line:
+                total += int(line.split()[1])
+    return total
+
+
+def _start(cmd: list[str], pattern: str) -> tuple[subprocess.Popen[str], str]:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(pattern, line)
+    if m is None:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return proc, m.group(1)
+
+
+def cpu_per_request(n: int) -> dict[str, dict[str, float]]:
+    """Each server in its own process; CPU and context switches per request on both sides."""
+    out: dict[str, dict[str, float]] = {}
+    name = "benchmarks.overhead:tiny"
+    setups = {
+        "bare": (
+            [sys.executable, "-c", "import time; from benchmarks.overhead import BareServer; "
+             "b = BareServer(); print('port', b.port, flush=True); time.sleep(3600)"],
+            r"port (\d+)",
+            lambda where, k: bare_round_trip(int(where), k),
+        ),
+        "splitnet": (
+            [sys.executable, "-m", "cloud.cli", "--model", name, "--port", "0",
+             "--input-shape", f"{name}=1,4"],
+            r"listening on (\S+)",
+            lambda where, k: splitnet_times(where, name, TINY_SHAPE, k),
+        ),
+    }  # fmt: skip
+    for label, (cmd, pattern, run) in setups.items():
+        proc, where = _start(cmd, pattern)
+        try:
+            run(where, max(n // 10, 50))  # warm-up
+            s0, w0, me0 = _cpu_seconds(proc.pid), _switches(proc.pid), time.process_time()
+            t0 = time.perf_counter()
+            run(where, n)
+            wall = time.perf_counter() - t0
+            s1, w1, me1 = _cpu_seconds(proc.pid), _switches(proc.pid), time.process_time()
+        finally:
+            proc.kill()
+            proc.wait(30)
+        out[label] = {
+            "wall_us": wall / n * 1e6,
+            "server_cpu_us": (s1 - s0) / n * 1e6,
+            "client_cpu_us": (me1 - me0) / n * 1e6,
+            "server_switches": (w1 - w0) / n,
+        }
+    return out
+
+
 def summarize(times: list[float]) -> dict[str, float]:
     times = times[max(1, len(times) // 10) :]  # drop warm-up
     s = sorted(times)
@@ -191,7 +268,25 @@ def main() -> None:
     p.add_argument("--transfers", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3, help="alternate bare/splitnet this often")
     p.add_argument("--out", type=Path, default=Path("out/bench-overhead"))
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="instead: servers in their own processes, CPU per request on each side",
+    )
     args = p.parse_args()
+    if args.cpu:
+        cpu = cpu_per_request(args.requests)
+        print(f"CPU per request, one at a time on one stream ({args.requests} requests):")
+        for label, row in cpu.items():
+            print(
+                f"  {label:<9} wall {row['wall_us']:5.0f} us  server CPU "
+                f"{row['server_cpu_us']:5.0f} us  client CPU {row['client_cpu_us']:5.0f} us  "
+                f"server context switches {row['server_switches']:.1f}"
+            )
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cpu.json").write_text(json.dumps(cpu, indent=2))
+        print(f"wrote {args.out / 'cpu.json'}")
+        return
 
     bare = BareServer()
     config = ServerConfig(
