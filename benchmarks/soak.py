@@ -57,6 +57,7 @@ from splitnet.models import fingerprint, load_model
 from splitnet.partition import trace
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.v1 import tensor_pb2
+from splitnet.wire import encode_varint
 
 MODEL = "digits-cnn"
 SERVICE = "/splitnet.v1.SplitInference/"
@@ -236,18 +237,6 @@ class Case:
     allowed: frozenset[grpc.StatusCode]
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _stream_msg(msg: pb.StreamRequest) -> bytes:
     return msg.SerializeToString()
 
@@ -330,16 +319,16 @@ class Hostile:
         for _ in range(self.rng.randrange(1, 12)):
             field_no = self.rng.choice([1, 2, 3, 4, 5, 6, 7, self.rng.randrange(1, 1 << 20)])
             wire = self.rng.choice([0, 1, 2, 5])
-            out += _varint(field_no << 3 | wire)
+            out += encode_varint(field_no << 3 | wire)
             if wire == 0:
-                out += _varint(self.rng.randrange(0, 2**64))
+                out += encode_varint(self.rng.randrange(0, 2**64))
             elif wire == 1:
                 out += self._bytes(8)
             elif wire == 5:
                 out += self._bytes(4)
             else:
                 body = self._bytes(self.rng.randrange(0, 64))
-                out += _varint(len(body)) + body
+                out += encode_varint(len(body)) + body
         return Case("wrong-wire-types", "infer", bytes(out), PROPER)
 
     def absurd_shape(self) -> Case:

@@ -29,16 +29,15 @@ def _model(text: str) -> ModelEntry:
     return ModelEntry(name=name, weights=weights or None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser."""
-    p = argparse.ArgumentParser(prog="splitnet-cloud", description=__doc__.split("\n")[0])
+def add_model_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
+    """``--model``, ``--input-shape`` and ``--expect-fingerprint`` (both hosts share them)."""
     p.add_argument(
         "--model",
         type=_model,
         action="append",
         required=True,
         metavar="NAME[=WEIGHTS]",
-        help="a model to serve (repeatable), e.g. digits-cnn=digits.safetensors",
+        help="a model to serve (repeatable), e.g. digits-cnn=digits.safetensors" + note,
     )
     p.add_argument(
         "--input-shape",
@@ -56,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse to start unless model NAME's weights have this fingerprint (the full "
         "sha256 or its first 16+ hex digits); repeatable",
     )
+
+
+def models_from_args(args: argparse.Namespace) -> tuple[ModelEntry, ...]:
+    """The models of ``add_model_arguments``, with their shapes and pinned fingerprints."""
+    return set_input_shapes(pin_fingerprints(args.model, args.expect_fingerprint), args.input_shape)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    p = argparse.ArgumentParser(prog="splitnet-cloud", description=__doc__.split("\n")[0])
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (printed)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -129,9 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prometheus_client.disable_created_metrics()  # no *_created series: noise on a scrape
     try:
         config = ServerConfig(
-            models=set_input_shapes(
-                pin_fingerprints(args.model, args.expect_fingerprint), args.input_shape
-            ),
+            models=models_from_args(args),
             host=args.host,
             port=args.port,
             device=args.device,

@@ -41,7 +41,7 @@ import grpc
 
 from cloud.auth import TokenAuthInterceptor, load_tokens
 from cloud.batcher import BatchResult, DynamicBatcher
-from cloud.config import MiB, ServerConfig, pin_fingerprints, set_input_shapes
+from cloud.config import MiB, ServerConfig
 from cloud.runtime import TailRuntime
 from cloud.service import SplitInferenceService
 from splitnet.errors import SplitNetError
@@ -330,25 +330,13 @@ def _autoscale(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``splitnet-cloud ray``."""
-    from cloud.cli import _model  # the same NAME[=WEIGHTS] syntax
+    from cloud.cli import add_model_arguments  # the same model options as splitnet-cloud
 
     p = argparse.ArgumentParser(
         prog="splitnet-cloud ray",
         description="Serve the tails on Ray Serve (gRPC ingress, replicas, autoscaling).",
     )
-    p.add_argument("--model", type=_model, action="append", required=True,
-                   metavar="NAME[=WEIGHTS]", help="a model to serve (repeatable); weights must "
-                   "be readable at this path on every Ray node")  # fmt: skip
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME=SHAPE",
-        help="input shape of model NAME with batch, e.g. my.mod:net=1,3,224,224 (needed for "
-        "pkg.module:callable models); repeatable",
-    )
-    p.add_argument("--expect-fingerprint", action="append", default=[], metavar="NAME=SHA256",
-                   help="refuse to deploy unless NAME's weights have this fingerprint")  # fmt: skip
+    add_model_arguments(p, "; weights must be readable at this path on every Ray node")
     p.add_argument("--address", default=None,
                    help="Ray cluster to deploy on ('auto', 'ray://head:10001'); default: start "
                    "a local Ray and serve until Ctrl-C")  # fmt: skip
@@ -387,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RayServeConfig:
     """Fill the typed configs from parsed arguments."""
+    from cloud.cli import models_from_args
+
     server = ServerConfig(
-        models=set_input_shapes(
-            pin_fingerprints(args.model, args.expect_fingerprint), args.input_shape
-        ),
+        models=models_from_args(args),
         device=args.device,
         workers=args.workers,
         max_decoded_bytes=args.max_decoded_mb * MiB,

@@ -177,7 +177,8 @@ class RawChunk:
         return "raw_chunk"
 
 
-def _varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative integer."""
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -205,10 +206,12 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 def serialize_chunk(chunk: RawChunk) -> bytes:
     """The protobuf bytes of ``StreamRequest(chunk=Chunk(id, data))``, one copy."""
     n = len(chunk.data)
-    inner_head = bytes((_TAG_ID,)) + _varint(chunk.id) if chunk.id else b""
+    inner_head = bytes((_TAG_ID,)) + encode_varint(chunk.id) if chunk.id else b""
     if n:  # proto3 leaves out empty fields, and so do we
-        inner_head += bytes((_TAG_DATA,)) + _varint(n)
-    return b"".join((bytes((_TAG_CHUNK,)), _varint(len(inner_head) + n), inner_head, chunk.data))
+        inner_head += bytes((_TAG_DATA,)) + encode_varint(n)
+    return b"".join(
+        (bytes((_TAG_CHUNK,)), encode_varint(len(inner_head) + n), inner_head, chunk.data)
+    )
 
 
 def parse_chunk(data: bytes) -> RawChunk | None:
