@@ -188,14 +188,17 @@ def test_load_profiles_rejects_bad_files(tmp_path: Path) -> None:
 def test_transfer_time_matches_the_link(
     sink: Sink, no_leaks: None, n: int, up: Link, down: Link
 ) -> None:
+    # A busy machine can only add time, never remove it: the best of a few round trips
+    # is the relay's own timing (one scheduler hiccup of 20 ms broke a single sample).
+    repeats = 3 if n < 100_000 else 1
     with LinkRelay(sink.address, up=up, down=down) as relay:
         with _connect(relay.address) as sock:
-            measured = _round_trip(sock, n)
+            measured = min(_round_trip(sock, n) for _ in range(repeats))
         expected = _expected(n, up, down)
         print(f"n={n} up={up} down={down}: expected {expected:.4f} s, measured {measured:.4f} s")
         assert measured == pytest.approx(expected, rel=TOLERANCE)
-        assert relay.bytes_up == HEADER.size + n
-        assert relay.bytes_down == 1
+        assert relay.bytes_up == repeats * (HEADER.size + n)
+        assert relay.bytes_down == repeats
 
 
 def test_set_links_while_running(sink: Sink, no_leaks: None) -> None:
@@ -208,7 +211,7 @@ def test_set_links_while_running(sink: Sink, no_leaks: None) -> None:
         assert relay.up == slow and relay.down == down
         t_slow = _round_trip(sock, n)
         relay.set_links(down=Link(100, 90))
-        t_far = _round_trip(sock, 1000)
+        t_far = min(_round_trip(sock, 1000) for _ in range(3))  # see above: best of 3
     print(f"fast {t_fast:.4f} s, slow {t_slow:.4f} s, far {t_far:.4f} s")
     assert t_fast == pytest.approx(_expected(n, fast, down), rel=TOLERANCE)
     assert t_slow == pytest.approx(_expected(n, slow, down), rel=TOLERANCE)
