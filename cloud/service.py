@@ -20,7 +20,7 @@ from cloud.batcher import DynamicBatcher
 from cloud.config import ServerConfig
 from cloud.metrics import Metrics
 from cloud.runtime import RequestError, TailRuntime
-from splitnet.errors import CodecError
+from splitnet.errors import CodecError, ProtocolError
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.v1 import inference_pb2_grpc as pb_grpc
 from splitnet.wire import RawChunk, Reassembler, Unparsable, iter_chunks, strip_payloads
@@ -184,7 +184,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     raise CodecError("empty stream message")
             if header is not None:
                 raise CodecError(f"stream ended before request {header.id}'s chunks were complete")
-        except CodecError as e:
+        except (CodecError, ProtocolError) as e:
             protocol_error.append(str(e))
         finally:
             await order.put(None)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from splitnet.errors import CodecError
+from splitnet.errors import ProtocolError
 from splitnet.v1 import tensor_pb2
 
 __all__ = [
     "CHUNK_BYTES",
+    "ChunkReader",
     "RawChunk",
     "Reassembler",
     "iter_chunks",
@@ -104,18 +105,26 @@ class Reassembler:
 
     The declared sizes are checked against ``max_total`` before anything is kept; memory
     grows only with bytes that really arrived, and each payload is joined once at the
-    end into a writable buffer that decoding can use without another copy.
+    end into a writable buffer that decoding can use without another copy. With
+    ``keep=False`` the bytes are counted and dropped (a refused request's chunks).
     """
 
-    def __init__(self, sizes: Sequence[int], n_tensors: int, max_total: int) -> None:
-        if len(sizes) != n_tensors:
-            raise CodecError(f"{len(sizes)} chunked payload sizes for {n_tensors} tensors")
-        total = sum(sizes)
-        if total > max_total:
-            raise CodecError(f"chunked payloads of {total} bytes exceed the limit of {max_total}")
+    def __init__(
+        self, sizes: Sequence[int], n_tensors: int, max_total: int, *, keep: bool = True
+    ) -> None:
+        if len(sizes) != n_tensors:  # O(1): before any per-entry work
+            raise ProtocolError(f"{len(sizes)} chunked payload sizes for {n_tensors} tensors")
         self.sizes = list(sizes)
-        self._parts: list[list[memoryview]] = [[] for _ in sizes]
-        self._have = [0] * len(sizes)
+        total = sum(self.sizes)
+        if total > max_total:
+            raise ProtocolError(
+                f"chunked payloads of {total} bytes exceed the limit of {max_total}"
+            )
+        self.total = total
+        self.keep = keep
+        self.received = 0
+        self._parts: list[list[memoryview]] = [[] for _ in self.sizes]
+        self._have = [0] * len(self.sizes)
         self._index = 0
         self._skip_full()
 
@@ -129,14 +138,16 @@ class Reassembler:
         return self._index >= len(self.sizes)
 
     def add(self, data: bytes | memoryview) -> None:
-        """Take the next chunk; raise ``CodecError`` if it overruns the declared sizes."""
+        """Take the next chunk; raise ``ProtocolError`` if it overruns the declared sizes."""
         view = memoryview(data)
+        self.received += len(view)
         while len(view):
             if self.done:
-                raise CodecError("chunk carries more bytes than the request declared")
+                raise ProtocolError("chunk carries more bytes than the message declared")
             i = self._index
             take = min(self.sizes[i] - self._have[i], len(view))
-            self._parts[i].append(view[:take])
+            if self.keep:
+                self._parts[i].append(view[:take])
             self._have[i] += take
             view = view[take:]
             self._skip_full()
@@ -144,10 +155,86 @@ class Reassembler:
     def payloads(self) -> list[bytearray]:
         """The collected payloads, in tensor order (call when ``done``)."""
         if not self.done:
-            raise CodecError("stream ended before all chunks arrived")
+            raise ProtocolError("stream ended before all chunks arrived")
         out = [bytearray().join(parts) for parts in self._parts]
         self._parts = [[] for _ in self.sizes]
         return out
+
+
+class ChunkReader:
+    """The receiving end of chunked transfer, one per stream, the same on both sides.
+
+    A message announcing ``chunked_payload_bytes`` starts a transfer; its chunks must
+    follow, with its id, before any other message of the stream (inference.proto)::
+
+        reader.start(msg.id, msg.chunked_payload_bytes, len(msg.frontier), max_total=...)
+        ... for each chunk:  if reader.add(chunk.id, chunk.data): payloads = reader.take()
+        ... at the end:      reader.finish()
+
+    Every violation raises ``ProtocolError``.
+    """
+
+    def __init__(self, what: str = "message") -> None:
+        self.what = what  # "request" or "response", for messages
+        self._id = 0
+        self._assembler: Reassembler | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a transfer waits for chunks."""
+        return self._assembler is not None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes received and held for the transfer in progress."""
+        a = self._assembler
+        return a.received if a is not None and a.keep else 0
+
+    def start(
+        self,
+        ident: int,
+        sizes: Sequence[int],
+        n_tensors: int,
+        *,
+        max_total: int,
+        keep: bool = True,
+    ) -> bool:
+        """Begin a transfer for message ``ident``; True if it is already complete (no
+        bytes declared). ``keep=False`` drops the chunks (a refused message).
+        """
+        if self._assembler is not None:
+            raise ProtocolError(
+                f"{self.what} {ident} began before {self.what} {self._id}'s chunks were complete"
+            )
+        self._assembler = Reassembler(sizes, n_tensors, max_total, keep=keep)
+        self._id = ident
+        return self._assembler.done
+
+    def add(self, ident: int, data: bytes | memoryview) -> bool:
+        """Take one chunk; True when it completes the transfer (then call ``take``)."""
+        a = self._assembler
+        if a is None or ident != self._id:
+            raise ProtocolError(f"chunk for {self.what} {ident} that was not announced")
+        a.add(data)
+        return a.done
+
+    def take(self) -> list[bytearray] | None:
+        """The completed transfer's payloads (None if it was dropped); the reader is free."""
+        a = self._assembler
+        if a is None:
+            raise ProtocolError("no transfer in progress")
+        self._assembler = None
+        return a.payloads() if a.keep else None
+
+    def abandon(self) -> None:
+        """Drop a transfer in progress (its bytes are released)."""
+        self._assembler = None
+
+    def finish(self) -> None:
+        """At the end of the stream: ``ProtocolError`` if a transfer is incomplete."""
+        if self._assembler is not None:
+            ident, self._assembler = self._id, None
+            raise ProtocolError(f"stream ended before {self.what} {ident}'s chunks were complete")
 
 
 # ---------------------------------------------------------------- fast chunk frames
