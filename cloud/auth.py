@@ -20,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from splitnet.errors import ConfigError
+
 __all__ = ["OPEN_SERVICES", "TokenAuthInterceptor", "load_tokens"]
 
 ENV_VAR = "SPLITNET_TOKENS"
@@ -28,18 +30,25 @@ MIN_TOKEN_LENGTH = 16
 
 
 def load_tokens(path: str | Path | None = None, *, env: bool = True) -> frozenset[str]:
-    """Tokens from ``path`` and/or ``$SPLITNET_TOKENS``; ``ValueError`` for weak ones."""
+    """Tokens from ``path`` and/or ``$SPLITNET_TOKENS``; ``ConfigError`` for a file with
+    none, or for weak ones.
+    """
     tokens: set[str] = set()
     if path is not None:
         text = Path(path).read_text()
-        tokens |= {
-            line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
-        }
+        found = {line.strip() for line in text.splitlines()}
+        found = {t for t in found if t and not t.startswith("#")}  # "  # x" is a comment
+        if not found:
+            raise ConfigError(
+                f"token file {str(path)!r} holds no token: put one per line, or leave "
+                "--token-file out to serve without authentication"
+            )
+        tokens |= found
     if env and os.environ.get(ENV_VAR):
         tokens |= {t.strip() for t in os.environ[ENV_VAR].split(",") if t.strip()}
     weak = [t for t in tokens if len(t) < MIN_TOKEN_LENGTH]
     if weak:
-        raise ValueError(
+        raise ConfigError(
             f"{len(weak)} token(s) shorter than {MIN_TOKEN_LENGTH} characters; use long random "
             "tokens (for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
@@ -73,7 +82,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             "missing or invalid bearer token (send 'authorization: Bearer <token>')"
         )
 
-    def _valid(self, metadata: Any) -> bool:
+    def authorized(self, metadata: Any) -> bool:
+        """True if ``metadata`` carries ``authorization: Bearer <one of the tokens>``."""
         for key, value in metadata or ():
             if key == "authorization":
                 text = value.decode() if isinstance(value, bytes) else str(value)
@@ -94,7 +104,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method or ""
-        if method.startswith(OPEN_SERVICES) or self._valid(
+        if method.startswith(OPEN_SERVICES) or self.authorized(
             handler_call_details.invocation_metadata
         ):
             return await continuation(handler_call_details)

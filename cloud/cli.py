@@ -2,6 +2,10 @@
 
 splitnet-cloud --model digits-cnn=.cache/digits-cnn.safetensors --port 50051
 splitnet-cloud --model torchvision:resnet18 --model digits-cnn --port 0
+splitnet-cloud ray --model digits-cnn=w.safetensors --replicas 2   (the same on Ray Serve)
+
+Every flag but the model and token options is a field of ``ServerConfig`` (or, for
+``ray``, ``RayServeConfig``): its default and help come from there (cloud/options.py).
 """
 
 from __future__ import annotations
@@ -9,156 +13,113 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import prometheus_client
 
 from cloud.auth import load_tokens
-from cloud.config import MiB, ModelEntry, ServerConfig, pin_fingerprints, set_input_shapes
+from cloud.config import ServerConfig
+from cloud.options import (
+    add_config_arguments,
+    add_model_arguments,
+    config_values,
+    models_from_args,
+)
 from cloud.server import CloudServer
+from splitnet import __version__
 from splitnet.errors import SplitNetError
 
 __all__ = ["main"]
 
-
-def _model(text: str) -> ModelEntry:
-    name, _, weights = text.partition("=")
-    if not name:
-        raise argparse.ArgumentTypeError(f"invalid --model {text!r}: use NAME or NAME=WEIGHTS")
-    return ModelEntry(name=name, weights=weights or None)
-
-
-def add_model_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
-    """``--model``, ``--input-shape`` and ``--expect-fingerprint`` (both hosts share them)."""
-    p.add_argument(
-        "--model",
-        type=_model,
-        action="append",
-        required=True,
-        metavar="NAME[=WEIGHTS]",
-        help="a model to serve (repeatable), e.g. digits-cnn=digits.safetensors" + note,
-    )
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME=SHAPE",
-        help="input shape of model NAME with batch, e.g. my.mod:net=1,3,224,224 (needed for "
-        "pkg.module:callable models); repeatable",
-    )
-    p.add_argument(
-        "--expect-fingerprint",
-        action="append",
-        default=[],
-        metavar="NAME=SHA256",
-        help="refuse to start unless model NAME's weights have this fingerprint (the full "
-        "sha256 or its first 16+ hex digits); repeatable",
-    )
+# Filled by their own options (models, tokens) or not offered on the command line.
+_SERVER_SKIP = ("models", "tokens")
+# What a Ray replica does not use: the proxy listens, without TLS or our metrics.
+_RAY_SERVER_SKIP = (
+    *_SERVER_SKIP,
+    "host",
+    "port",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "insecure",
+    "metrics_port",
+    "metrics_host",
+    "grace_s",
+    "max_message_bytes",
+    "chunk_bytes",
+)
+_RAY_SKIP = ("server", "autoscale", "autoscaling_options")
 
 
-def models_from_args(args: argparse.Namespace) -> tuple[ModelEntry, ...]:
-    """The models of ``add_model_arguments``, with their shapes and pinned fingerprints."""
-    return set_input_shapes(pin_fingerprints(args.model, args.expect_fingerprint), args.input_shape)
+def _common(p: argparse.ArgumentParser, token_help: str) -> None:
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--token-file", default=None, help=token_help)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser."""
-    p = argparse.ArgumentParser(prog="splitnet-cloud", description=__doc__.split("\n")[0])
+    """The argument parser of ``splitnet-cloud``."""
+    p = argparse.ArgumentParser(
+        prog="splitnet-cloud",
+        description=__doc__.split("\n")[0]
+        + " Run `splitnet-cloud ray --help` for the same on Ray Serve.",
+    )
     add_model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (printed)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--workers", type=int, default=2, help="threads for decode, tail and encode")
-    p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, MiB")
-    p.add_argument("--max-decoded-mb", type=int, default=256, help="largest decoded request, MiB")
-    p.add_argument(
-        "--max-batch-size", type=int, default=8, help="dynamic batching: samples per run"
-    )
-    p.add_argument(
-        "--max-queue-delay-us",
-        type=int,
-        default=0,
-        help="dynamic batching: longest wait for a fuller batch (microseconds)",
-    )
-    p.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=256,
-        help="requests admitted at once; more get RESOURCE_EXHAUSTED",
-    )
-    p.add_argument(
-        "--profile-runs",
-        type=int,
-        default=3,
-        help="timed runs at start-up for per-cut tail latency (0: skip)",
-    )
-    p.add_argument("--grace", type=float, default=10.0, help="seconds to drain at shutdown")
-    p.add_argument(
-        "--token-file",
-        default=None,
-        help="require a bearer token from this file (one per line); tokens in "
+    add_config_arguments(p, ServerConfig, skip=_SERVER_SKIP)
+    _common(
+        p,
+        "require a bearer token from this file (one per line, # comments); tokens in "
         "$SPLITNET_TOKENS (comma-separated) are accepted too",
     )
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        default=30.0,
-        help="seconds a request may wait and run on the server (DEADLINE_EXCEEDED)",
-    )
-    p.add_argument("--tls-cert", default=None, help="server certificate (PEM): serve TLS")
-    p.add_argument("--tls-key", default=None, help="server private key (PEM)")
-    p.add_argument(
-        "--tls-client-ca", default=None, help="CA of client certificates: require mutual TLS"
-    )
-    p.add_argument(
-        "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a port; "
-        "HTTPS with --tls-cert); off by default",
-    )
-    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     return p
+
+
+def build_ray_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``splitnet-cloud ray``."""
+    from cloud.ray_serve import RayServeConfig
+
+    p = argparse.ArgumentParser(
+        prog="splitnet-cloud ray",
+        description="Serve the tails on Ray Serve (gRPC ingress, replicas, autoscaling).",
+    )
+    add_model_arguments(p, "; weights must be readable at this path on every Ray node")
+    add_config_arguments(p, RayServeConfig, skip=_RAY_SKIP)
+    p.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN,MAX",
+                   help="autoscale between MIN and MAX replicas instead of --replicas")  # fmt: skip
+    add_config_arguments(p, ServerConfig, skip=_RAY_SERVER_SKIP)
+    _common(p, "require a bearer token from this file (checked in the replica)")
+    return p
+
+
+def _autoscale(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(",")
+    try:
+        return int(lo), int(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"use MIN,MAX for --autoscale, got {text!r}") from None
+
+
+def _logging(verbose: int) -> None:
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["ray"]:  # splitnet-cloud ray ...: the same tails on Ray Serve
-        from cloud.ray_serve import main as ray_main
-
-        return ray_main(argv[1:])
+    if argv[:1] == ["ray"]:
+        return _ray_main(argv[1:])
     args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logging(args.verbose)
     prometheus_client.disable_created_metrics()  # no *_created series: noise on a scrape
     try:
         config = ServerConfig(
             models=models_from_args(args),
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            workers=args.workers,
-            max_message_bytes=args.max_message_mb * MiB,
-            max_decoded_bytes=args.max_decoded_mb * MiB,
-            max_batch_size=args.max_batch_size,
-            max_queue_delay_us=args.max_queue_delay_us,
-            max_in_flight=args.max_in_flight,
-            profile_runs=args.profile_runs,
-            grace_s=args.grace,
             tokens=load_tokens(args.token_file),
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
-            insecure=args.insecure,
-            request_timeout_s=args.request_timeout,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
+            **config_values(args, ServerConfig, skip=_SERVER_SKIP),
         )
         return asyncio.run(_serve(config))
     except (SplitNetError, ValueError, OSError) as e:
@@ -174,6 +135,44 @@ async def _serve(config: ServerConfig) -> int:
     print(server.banner(), flush=True)
     await server.wait()
     print(f"splitnet-cloud stopped after {server.service.served} requests", flush=True)
+    return 0
+
+
+def _ray_main(argv: Sequence[str]) -> int:
+    """``splitnet-cloud ray ...``; returns the exit status."""
+    try:
+        from cloud.ray_serve import RayServeConfig, banner, deploy, shutdown
+    except ImportError:  # pragma: no cover - the ray extra is missing
+        print("splitnet-cloud ray: error: Ray is not installed: pip install 'splitnet[ray]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    args = build_ray_parser().parse_args(argv)
+    _logging(args.verbose)
+    try:
+        server = ServerConfig(
+            models=models_from_args(args),
+            tokens=load_tokens(args.token_file),
+            **config_values(args, ServerConfig, skip=_RAY_SERVER_SKIP),
+        )
+        config = RayServeConfig(
+            server=server,
+            autoscale=args.autoscale,
+            **config_values(args, RayServeConfig, skip=_RAY_SKIP),
+        )
+        deploy(config)
+    except (SplitNetError, ValueError, OSError) as e:
+        print(f"splitnet-cloud ray: error: {e}", file=sys.stderr)
+        return 2
+    print(banner(config), flush=True)
+    if config.address is not None:  # deployed on a cluster: it keeps serving without us
+        print("deployed; remove it with: serve shutdown (or serve delete splitnet)", flush=True)
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    shutdown()
+    print("splitnet-cloud ray stopped", flush=True)
     return 0
 
 

@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from splitnet.errors import ConfigError
 from splitnet.wire import CHUNK_BYTES
 
 MiB = 1 << 20
@@ -27,34 +28,34 @@ class ServerConfig:
 
     models: tuple[ModelEntry, ...] = field(default_factory=tuple)  # at least one
     host: str = "127.0.0.1"  # address to listen on
-    port: int = 0  # 0 picks a free port
-    device: str = "cpu"  # "cpu" or "cuda"
+    port: int = 50051  # port to listen on; 0 picks a free one (printed)
+    device: str = "cpu"  # cpu, cuda or cuda:N
     workers: int = 2  # threads running decode, tail and encode
     max_message_bytes: int = 64 * MiB  # largest gRPC message accepted or sent
     max_decoded_bytes: int = 256 * MiB  # largest decoded frontier per request
     max_batch_size: int = 8  # dynamic batching: most samples per tail run
     max_queue_delay_us: int = 0  # dynamic batching: longest wait for a fuller batch
     max_in_flight: int = 256  # requests admitted at once; more get RESOURCE_EXHAUSTED
-    chunk_bytes: int = CHUNK_BYTES  # chunk size for large payloads on streams
+    chunk_bytes: int = CHUNK_BYTES  # size of the chunks large payloads travel in on streams
     profile_runs: int = 3  # timed runs per model at start-up for per-cut tail latency
     inline_tail_us: int = 50  # tails profiled faster than this run on the event loop (0: never)
     grace_s: float = 10.0  # how long in-flight requests may finish at shutdown
     request_timeout_s: float = 30.0  # longest a request may wait and run on the server
     tokens: frozenset[str] = frozenset()  # bearer tokens; empty: no authentication
-    tls_cert: str | None = None  # server certificate (PEM); with tls_key: TLS
+    tls_cert: str | None = None  # server certificate (PEM): serve TLS (with the key)
     tls_key: str | None = None  # server private key (PEM)
-    tls_client_ca: str | None = None  # CA of client certificates: mutual TLS, required
+    tls_client_ca: str | None = None  # CA of client certificates: require mutual TLS
     insecure: bool = False  # allow plaintext on a non-loopback address
-    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any port
+    metrics_port: int | None = None  # Prometheus /metrics port (0: any; HTTPS with TLS); off
     metrics_host: str = "127.0.0.1"  # address of the metrics endpoint
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise ValueError("serve at least one model (--model NAME[=WEIGHTS])")
+            raise ConfigError("serve at least one model (--model NAME[=WEIGHTS])")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+            raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, got {self.port}")
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
         for name in (
             "workers",
             "max_message_bytes",
@@ -64,30 +65,30 @@ class ServerConfig:
             "chunk_bytes",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise ConfigError(f"{name} must be at least 1")
         if min(self.max_queue_delay_us, self.profile_runs, self.grace_s, self.inline_tail_us) < 0:
-            raise ValueError(
+            raise ConfigError(
                 "max_queue_delay_us, profile_runs, grace_s and inline_tail_us must be >= 0"
             )
         if self.chunk_bytes > self.max_message_bytes // 2:
-            raise ValueError("chunk_bytes must be at most half of max_message_bytes")
+            raise ConfigError("chunk_bytes must be at most half of max_message_bytes")
         if self.request_timeout_s <= 0:
-            raise ValueError("request_timeout_s must be > 0")
+            raise ConfigError("request_timeout_s must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
+            raise ConfigError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
         if self.tls_cert is None and not self.insecure and not is_loopback(self.host):
-            raise ValueError(
+            raise ConfigError(
                 f"refusing to listen on {self.host} without TLS: give --tls-cert and --tls-key "
                 "(make a test CA with `splitnet certs`), or --insecure to accept plaintext"
             )
 
         if self.metrics_port is not None:
             if not 0 <= self.metrics_port <= 65535:
-                raise ValueError(f"metrics port must be 0..65535, got {self.metrics_port}")
+                raise ConfigError(f"metrics port must be 0..65535, got {self.metrics_port}")
             if self.tls_cert is None and not self.insecure and not is_loopback(self.metrics_host):
-                raise ValueError(
+                raise ConfigError(
                     f"refusing to serve metrics on {self.metrics_host} in plaintext: give "
                     "--tls-cert and --tls-key (metrics then use HTTPS), or --insecure"
                 )
@@ -116,11 +117,11 @@ def _per_model(models: Sequence[ModelEntry], specs: Sequence[str], flag: str) ->
     for text in specs:
         name, _, value = text.rpartition("=")
         if not name or not value:
-            raise ValueError(f"{flag} {text!r}: use NAME=VALUE, NAME as given to --model")
+            raise ConfigError(f"{flag} {text!r}: use NAME=VALUE, NAME as given to --model")
         wanted[name] = value
     unknown = set(wanted) - {m.name for m in models}
     if unknown:
-        raise ValueError(f"{flag} names {', '.join(sorted(unknown))}, which no --model serves")
+        raise ConfigError(f"{flag} names {', '.join(sorted(unknown))}, which no --model serves")
     return wanted
 
 
@@ -139,11 +140,11 @@ def set_input_shapes(models: Sequence[ModelEntry], specs: Sequence[str]) -> tupl
             try:
                 shape = tuple(int(d) for d in wanted[m.name].replace("x", ",").split(","))
             except ValueError:
-                raise ValueError(
+                raise ConfigError(
                     f"--input-shape {m.name}={wanted[m.name]}: give dimensions like 1,3,224,224"
                 ) from None
             if not shape or min(shape) <= 0:
-                raise ValueError(f"--input-shape {m.name}: dimensions must be positive")
+                raise ConfigError(f"--input-shape {m.name}: dimensions must be positive")
             m = replace(m, input_shape=shape)
         out.append(m)
     return tuple(out)

@@ -3,10 +3,13 @@
     splitnet-cloud ray --model digits-cnn=w.safetensors --replicas 2 --num-cpus 0.5
     splitnet-cloud ray --address auto --model digits-cnn=w.safetensors --autoscale 1,8
 
+(the command is in cloud/cli.py; this module is the library it calls)
+
 Each replica hosts ``SplitInferenceService`` (cloud/service.py) over a ``TailRuntime``
 (cloud/runtime.py): validation, decoding, the tail, encoding, status codes and the
 stream protocol are the standalone server's own code. Only batching changes host:
-requests queue in Ray's ``@serve.batch`` with ``batch_size_fn`` counting samples, so
+requests queue in Ray's ``@serve.batch`` (``RayBatcher``, the service's ``Batcher``
+given through its constructor) with ``batch_size_fn`` counting samples, so
 ``max_batch_size`` (samples) and ``max_queue_delay_us`` mean what they mean in
 ``splitnet-cloud``; one batch may mix models and cuts, and runs one tail per
 (model, cut) group.
@@ -24,31 +27,37 @@ every interface and takes no interceptors: put TLS in front of it (see README,
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
-import sys
-import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import grpc
 
-from cloud.auth import TokenAuthInterceptor, load_tokens
-from cloud.batcher import BatchResult, DynamicBatcher
-from cloud.config import MiB, ServerConfig
+from cloud.auth import TokenAuthInterceptor
+from cloud.batcher import fail_batch
+from cloud.config import ServerConfig
+from cloud.job import Job
 from cloud.runtime import TailRuntime
 from cloud.service import SplitInferenceService
-from splitnet.errors import SplitNetError
+from splitnet.errors import ConfigError, SplitNetError
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.wire import RawChunk
 
-__all__ = ["APP_NAME", "SERVICER_FUNCTION", "RayServeConfig", "build_app", "deploy", "main"]
+__all__ = [
+    "APP_NAME",
+    "SERVICER_FUNCTION",
+    "RayBatcher",
+    "RayServeConfig",
+    "banner",
+    "build_app",
+    "deploy",
+    "shutdown",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,32 +72,32 @@ class RayServeConfig:
     """Everything ``splitnet-cloud ray`` can be told (the service limits are in ``server``)."""
 
     server: ServerConfig  # models, batching and request limits, as for splitnet-cloud
-    address: str | None = None  # Ray cluster to join ("auto", "ray://..."); None: start one
-    num_cpus_cluster: int | None = None  # CPUs of a locally started Ray (None: all)
+    address: str | None = None  # Ray cluster to deploy on: auto or ray://HOST:PORT (default: local)
+    num_cpus_cluster: int | None = None  # CPUs of a locally started Ray (default: all)
     grpc_port: int = 9000  # Ray's gRPC proxy port (all interfaces, plaintext)
     http_port: int = 8000  # Ray's HTTP proxy, which Serve always starts (127.0.0.1)
-    replicas: int = 1  # fixed replica count (ignored with autoscaling)
+    replicas: int = 1  # fixed number of replicas (ignored with autoscaling)
     autoscale: tuple[int, int] | None = None  # (min, max) replicas: Serve autoscaling
     target_ongoing_requests: float = 8.0  # autoscaling: requests per replica it aims for
-    upscale_delay_s: float = 30.0  # autoscaling: sustained demand before adding replicas
-    downscale_delay_s: float = 600.0  # autoscaling: sustained idleness before removing
+    upscale_delay_s: float = 30.0  # autoscaling: seconds of demand before adding a replica
+    downscale_delay_s: float = 600.0  # autoscaling: seconds of idleness before removing one
     autoscaling_options: Mapping[str, Any] = field(default_factory=dict)  # more of Serve's
     max_ongoing_requests: int = 32  # requests one replica takes at once (>= max batch)
-    num_cpus: float = 1.0  # CPUs reserved per replica (fractions allowed)
+    num_cpus: float = 1.0  # CPUs reserved per replica (0.5 is fine)
     num_gpus: float = 0.0  # GPUs reserved per replica
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.max_ongoing_requests < 1:
-            raise ValueError("replicas and max_ongoing_requests must be at least 1")
+            raise ConfigError("replicas and max_ongoing_requests must be at least 1")
         if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] > 0:
-            raise ValueError("autoscale needs 0 <= MIN <= MAX and MAX >= 1")
+            raise ConfigError("autoscale needs 0 <= MIN <= MAX and MAX >= 1")
         if min(self.upscale_delay_s, self.downscale_delay_s) < 0:
-            raise ValueError("upscale and downscale delays must be >= 0")
+            raise ConfigError("upscale and downscale delays must be >= 0")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.target_ongoing_requests <= 0:
-            raise ValueError("num_cpus and num_gpus must be >= 0, target_ongoing_requests > 0")
+            raise ConfigError("num_cpus and num_gpus must be >= 0, target_ongoing_requests > 0")
         for port in (self.grpc_port, self.http_port):
             if not 1 <= port <= 65535:
-                raise ValueError(f"port must be 1..65535, got {port}")
+                raise ConfigError(f"port must be 1..65535, got {port}")
 
 
 # --------------------------------------------------------------- replica side
@@ -116,40 +125,61 @@ class _Context:
         return self.ray_context.invocation_metadata() if self.ray_context is not None else ()
 
 
-@dataclass
-class _Item:
-    """One request waiting in ``@serve.batch``."""
-
-    key: tuple[str, str]  # (model, cut)
-    value: Any  # (frontier, output codec), as the servicer submits it
-    samples: int
-    enqueued: float = field(default_factory=time.perf_counter)
+def _samples(jobs: Sequence[Job]) -> int:
+    return sum(j.samples for j in jobs)
 
 
-def _samples(items: Sequence[_Item]) -> int:
-    return sum(i.samples for i in items)
+class RayBatcher:
+    """The ``Batcher`` interface (cloud/batcher.py) over Ray Serve's ``@serve.batch``.
 
+    ``max_batch_size`` counts samples (``batch_size_fn``), as in ``DynamicBatcher``; one
+    Ray batch may mix models and cuts, and runs one tail per (model, cut) in it.
+    """
 
-class _ServeBatcher(DynamicBatcher):
-    """The servicer's batcher interface, with Ray's ``@serve.batch`` doing the queueing."""
+    def __init__(self, runtime: TailRuntime, executor: Executor, config: ServerConfig) -> None:
+        from ray import serve
 
-    def __init__(self, submit: Any) -> None:
-        self._submit = submit  # the deployment's @serve.batch method
+        self.runtime = runtime
+        self.executor = executor
+        self._batched = serve.batch(
+            max_batch_size=config.max_batch_size,
+            batch_wait_timeout_s=config.max_queue_delay_us / 1e6,
+            batch_size_fn=_samples,
+        )(self._run_batch)
 
-    async def submit(self, key: Hashable, item: Any, samples: int = 1) -> BatchResult:
-        result: BatchResult = await self._submit(_Item(cast(tuple[str, str], key), item, samples))
-        return result
+    def idle(self, key: tuple[str, str]) -> bool:
+        """Never: every job goes through Ray's queue."""
+        return False
+
+    async def submit(self, job: Job) -> None:
+        """Queue ``job`` in Ray's batch; return when its batch has run."""
+        job.enqueued = time.perf_counter()
+        await self._batched(job)
+
+    async def _run_batch(self, jobs: list[Job]) -> list[None]:
+        started = time.perf_counter()
+        groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
+        for job in jobs:
+            groups[job.key].append(job)
+        total = _samples(jobs)
+        loop = asyncio.get_running_loop()
+        for key, group in groups.items():
+            try:
+                await loop.run_in_executor(self.executor, self.runtime.run, group)
+            except Exception as e:
+                fail_batch(group, key, e)
+            for job in group:  # the runtime sets compute_s: the tail's own time
+                job.queue_s, job.batch_size = max(started - job.enqueued, 0.0), total
+        return [None] * len(jobs)
 
     async def close(self) -> None:
-        return None
+        """Nothing to stop: Ray owns the queue."""
 
 
 class SplitInferenceDeployment:
     """A Ray Serve replica: ``SplitInferenceService`` over its own ``TailRuntime``."""
 
     def __init__(self, config: ServerConfig) -> None:
-        from ray import serve
-
         self.config = config
         self.runtime = TailRuntime(
             config.models,
@@ -159,42 +189,16 @@ class SplitInferenceDeployment:
             profile_runs=config.profile_runs,
         )
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tail")
-        self.service = SplitInferenceService(self.runtime, config, self.executor)
+        self.service = SplitInferenceService(
+            self.runtime,
+            config,
+            self.executor,
+            batcher=RayBatcher(self.runtime, self.executor, config),
+        )
         self.auth = TokenAuthInterceptor(config.tokens) if config.tokens else None
-        batched = serve.batch(
-            max_batch_size=config.max_batch_size,
-            batch_wait_timeout_s=config.max_queue_delay_us / 1e6,
-            batch_size_fn=_samples,
-        )(self._run_batch)
-        self.service.batcher = _ServeBatcher(batched)
-
-    async def _run_batch(self, items: list[_Item]) -> list[BatchResult]:
-        """One ``@serve.batch`` batch: one tail run per (model, cut) in it, off the loop."""
-        started = time.perf_counter()
-        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            groups[item.key].append(i)
-        total = _samples(items)
-        results: list[BatchResult | None] = [None] * len(items)
-        loop = asyncio.get_running_loop()
-        for (model, cut), idx in groups.items():
-            served = self.runtime.models[model]
-            t0 = time.perf_counter()
-            values = await loop.run_in_executor(
-                self.executor,
-                self.runtime.run_and_encode,
-                served,
-                cut,
-                [items[i].value for i in idx],
-            )
-            compute = time.perf_counter() - t0
-            for i, value in zip(idx, values, strict=True):
-                queue_s = started - items[i].enqueued
-                results[i] = BatchResult(value, max(queue_s, 0.0), compute, total)
-        return [r for r in results if r is not None]
 
     def _authorized(self, ctx: _Context) -> bool:
-        return self.auth is None or self.auth._valid(ctx.invocation_metadata())
+        return self.auth is None or self.auth.authorized(ctx.invocation_metadata())
 
     async def _deny(self, ctx: _Context) -> None:
         await ctx.abort(
@@ -320,92 +324,6 @@ def shutdown() -> None:
 
 
 # ------------------------------------------------------------------ command
-def _autoscale(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(",")
-    try:
-        return int(lo), int(hi)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"use MIN,MAX for --autoscale, got {text!r}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``splitnet-cloud ray``."""
-    from cloud.cli import add_model_arguments  # the same model options as splitnet-cloud
-
-    p = argparse.ArgumentParser(
-        prog="splitnet-cloud ray",
-        description="Serve the tails on Ray Serve (gRPC ingress, replicas, autoscaling).",
-    )
-    add_model_arguments(p, "; weights must be readable at this path on every Ray node")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to deploy on ('auto', 'ray://head:10001'); default: start "
-                   "a local Ray and serve until Ctrl-C")  # fmt: skip
-    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a locally started Ray")
-    p.add_argument("--grpc-port", type=int, default=9000, help="Ray's gRPC proxy port")
-    p.add_argument("--http-port", type=int, default=8000, help="Ray's HTTP proxy port")
-    p.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
-    p.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN,MAX",
-                   help="autoscale between MIN and MAX replicas instead")  # fmt: skip
-    p.add_argument("--target-ongoing-requests", type=float, default=8.0,
-                   help="autoscaling: requests in flight per replica to aim for")  # fmt: skip
-    p.add_argument("--upscale-delay", type=float, default=30.0,
-                   help="autoscaling: seconds of demand before adding a replica")  # fmt: skip
-    p.add_argument("--downscale-delay", type=float, default=600.0,
-                   help="autoscaling: seconds of idleness before removing one")  # fmt: skip
-    p.add_argument("--max-ongoing-requests", type=int, default=32,
-                   help="requests one replica takes at once")  # fmt: skip
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (0.5 is fine)")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--workers", type=int, default=1, help="tail threads per replica")
-    p.add_argument("--max-decoded-mb", type=int, default=256, help="largest decoded request, MiB")
-    p.add_argument("--max-batch-size", type=int, default=8, help="batching: samples per run")
-    p.add_argument("--max-queue-delay-us", type=int, default=0,
-                   help="batching: longest wait for a fuller batch (microseconds)")  # fmt: skip
-    p.add_argument("--max-in-flight", type=int, default=256,
-                   help="requests admitted per replica; more get RESOURCE_EXHAUSTED")  # fmt: skip
-    p.add_argument("--request-timeout", type=float, default=30.0,
-                   help="seconds a request may take (proxy and replica)")  # fmt: skip
-    p.add_argument("--profile-runs", type=int, default=3, help="start-up tail timing runs")
-    p.add_argument("--token-file", default=None,
-                   help="require a bearer token (checked in the replica)")  # fmt: skip
-    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> RayServeConfig:
-    """Fill the typed configs from parsed arguments."""
-    from cloud.cli import models_from_args
-
-    server = ServerConfig(
-        models=models_from_args(args),
-        device=args.device,
-        workers=args.workers,
-        max_decoded_bytes=args.max_decoded_mb * MiB,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_us=args.max_queue_delay_us,
-        max_in_flight=args.max_in_flight,
-        profile_runs=args.profile_runs,
-        request_timeout_s=args.request_timeout,
-        tokens=load_tokens(args.token_file),
-    )
-    return RayServeConfig(
-        server=server,
-        address=args.address,
-        num_cpus_cluster=args.ray_cpus,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        replicas=args.replicas,
-        autoscale=args.autoscale,
-        target_ongoing_requests=args.target_ongoing_requests,
-        upscale_delay_s=args.upscale_delay,
-        downscale_delay_s=args.downscale_delay,
-        max_ongoing_requests=args.max_ongoing_requests,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-    )
-
-
 def banner(config: RayServeConfig) -> str:
     """The start-up line."""
     scale = (
@@ -419,37 +337,3 @@ def banner(config: RayServeConfig) -> str:
         f"plaintext) | {models} | {scale} x {config.num_cpus:g} CPU | max batch "
         f"{config.server.max_batch_size}, queue delay {config.server.max_queue_delay_us} us"
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``splitnet-cloud ray ...``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        print("splitnet-cloud ray: error: Ray is not installed: pip install 'splitnet[ray]'",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    try:
-        config = config_from_args(args)
-        deploy(config)
-    except (SplitNetError, ValueError, OSError) as e:
-        print(f"splitnet-cloud ray: error: {e}", file=sys.stderr)
-        return 2
-    print(banner(config), flush=True)
-    if config.address is not None:  # deployed on a cluster: it keeps serving without us
-        print("deployed; remove it with: serve shutdown (or serve delete splitnet)", flush=True)
-        return 0
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    shutdown()
-    print("splitnet-cloud ray stopped", flush=True)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

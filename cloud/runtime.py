@@ -1,8 +1,10 @@
-"""The tail runtime: decode -> (batch) -> tail -> encode, independent of any server.
+"""The tail runtime: admit -> decode -> (batch) -> tail -> encode, independent of any server.
 
 ``TailRuntime`` loads the served models, traces them once, builds each cut's tail on
-first use, and validates every request against the cut it names before any tensor is
-decoded. It raises ``RequestError`` carrying the gRPC status code to answer with.
+first use, and turns a request into a ``Job`` (cloud/job.py) only after validating it
+against the cut it names, before any tensor is decoded. Refusals raise ``RequestError``
+carrying the gRPC status code to answer with; ``run`` fills each job of a batch with its
+own outputs or its own error.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,27 +21,19 @@ import torch
 from torch import fx, nn
 
 from cloud.config import ModelEntry
-from splitnet.codecs import DecodeLimits, decode, encode, parse_codec, wire_dtype
+from cloud.job import Job, RequestError, clip
+from splitnet.codecs import CodecSpec, DecodeLimits, decode, encode_parts, parse_codec, wire_dtype
 from splitnet.errors import CodecError, SplitNetError
 from splitnet.models import fingerprint, load_model, resolve
 from splitnet.partition import Cut, SplitGraph, trace
 from splitnet.profiling import profile_cuts
 from splitnet.report import sample_input
 from splitnet.v1 import inference_pb2 as pb
-from splitnet.v1 import tensor_pb2
 
 logger = logging.getLogger(__name__)
 
 ACCEPTED_CODECS = ("raw", "zstd", "fp16", "bf16", "int8", "int8c", "+zstd chains")
-
-
-class RequestError(Exception):
-    """A request the server refuses, with the status code to answer."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @dataclass
@@ -88,7 +82,9 @@ class TailRuntime:
         max_decoded_bytes: int = 256 << 20,
         max_batch_size: int = 8,
         profile_runs: int = 3,
+        profile: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
+        """``profile`` (model -> cut -> tail ms) replaces start-up profiling where given."""
         self.device = torch.device(device)
         self.max_decoded_bytes = max_decoded_bytes
         self.max_batch_size = max_batch_size
@@ -97,7 +93,10 @@ class TailRuntime:
         for entry in entries:
             if entry.name in self.models:
                 raise SplitNetError(f"model {entry.name!r} is listed twice")
-            self.models[entry.name] = self._load(entry, profile_runs)
+            given = profile.get(entry.name) if profile is not None else None
+            self.models[entry.name] = self._load(entry, 0 if given else profile_runs)
+            if given:
+                self.models[entry.name].tail_ms = dict(given)
 
     def _load(self, entry: ModelEntry, profile_runs: int) -> ServedModel:
         spec = resolve(entry.name, entry.input_shape)
@@ -149,27 +148,89 @@ class TailRuntime:
         return resp
 
     # ------------------------------------------------------------ requests
-    def lookup(self, req: pb.InferRequest) -> tuple[ServedModel, Cut]:
-        """The model and cut a request names; NOT_FOUND / FAILED_PRECONDITION otherwise."""
+    def admit(
+        self,
+        req: pb.InferRequest,
+        *,
+        chunked: bool = False,
+        max_batch_size: int | None = None,
+        max_decoded_bytes: int | None = None,
+        client: str = "",
+        received: float | None = None,
+    ) -> Job:
+        """Validate ``req`` against what it names and make it a ``Job``; nothing decoded.
+
+        ``received`` is when the request arrived (default: now). Each frontier payload
+        is read out of the request once, here; a ``chunked``
+        request is validated against the sizes it announces, and its payloads are
+        attached to the job when they have arrived.
+        """
+        served, cut, codec = self.lookup(req)
+        self.check_announced(req, cut)
+        if chunked:
+            if len(req.chunked_payload_bytes) != len(req.frontier):  # O(1), before the walk
+                raise RequestError(
+                    INVALID,
+                    f"{len(req.chunked_payload_bytes)} chunked payload sizes for "
+                    f"{len(req.frontier)} tensors",
+                )
+            payloads: Sequence[bytes | bytearray] = ()
+            sizes = list(req.chunked_payload_bytes)
+        else:
+            payloads = [t.payload for t in req.frontier]
+            sizes = [len(p) for p in payloads]
+        samples = self.check_frontier(
+            req, cut, sizes, max_batch_size=max_batch_size, max_decoded_bytes=max_decoded_bytes
+        )
+        job = Job(req, served, cut, payloads, samples, sum(sizes), codec, client=client)
+        if received is not None:
+            job.received = received
+        return job
+
+    def lookup(self, req: pb.InferRequest) -> tuple[ServedModel, Cut, CodecSpec]:
+        """The model, cut and output codec a request names; NOT_FOUND, FAILED_PRECONDITION
+        or INVALID_ARGUMENT otherwise.
+        """
         served = self.models.get(req.model)
         if served is None:
             raise self._unknown_model(req.model)
         try:
             cut = served.graph.cut(req.cut)
-        except SplitNetError as e:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {req.model!r}: {e}") from None
+        except SplitNetError:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {served.name!r}: unknown cut {clip(req.cut)}; valid cuts: "
+                f"{', '.join(served.graph.names)}",
+            ) from None
         if req.fingerprint and req.fingerprint != served.fingerprint:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"model {req.model!r} here has fingerprint {served.fingerprint[:16]}..., the "
+                f"model {served.name!r} here has fingerprint {served.fingerprint[:16]}..., the "
                 f"request expects {req.fingerprint[:16]}...: load the same weights on both sides",
             )
-        if req.output_codec:
-            try:
-                parse_codec(req.output_codec)
-            except CodecError as e:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        return served, cut
+        try:
+            codec = parse_codec(req.output_codec or "raw")
+        except CodecError as e:
+            raise RequestError(INVALID, f"output codec: {e}") from None
+        return served, cut, codec
+
+    def check_announced(self, req: pb.InferRequest, cut: Cut) -> None:
+        """Counts and ranks of the frontier headers against the cut: O(1) per tensor,
+        before any per-entry work on a client's repeated fields.
+        """
+        if len(req.frontier) != len(cut.frontier):
+            raise RequestError(
+                INVALID,
+                f"cut {cut.name!r} takes {len(cut.frontier)} tensors "
+                f"({', '.join(f.name for f in cut.frontier)}), the request has {len(req.frontier)}",
+            )
+        for wire, want in zip(req.frontier, cut.frontier, strict=True):
+            if len(wire.shape) != len(want.shape):
+                raise RequestError(
+                    INVALID,
+                    f"tensor {want.name!r} of cut {cut.name!r} has rank {len(want.shape)}; "
+                    f"the request's has rank {len(wire.shape)}",
+                )
 
     def check_frontier(
         self,
@@ -181,40 +242,29 @@ class TailRuntime:
         max_decoded_bytes: int | None = None,
     ) -> int:
         """Validate the frontier headers against the cut, before decoding; return the batch."""
+        self.check_announced(req, cut)
         max_batch = max_batch_size or self.max_batch_size
         max_bytes = max_decoded_bytes or self.max_decoded_bytes
-        if len(req.frontier) != len(cut.frontier):
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"cut {cut.name!r} takes {len(cut.frontier)} tensors "
-                f"({', '.join(f.name for f in cut.frontier)}), the request has {len(req.frontier)}",
-            )
         batch = -1
         total = 0
         for wire, want in zip(req.frontier, cut.frontier, strict=True):
-            shape = tuple(wire.shape)
-            if (
-                len(shape) != len(want.shape)
-                or shape[1:] != want.shape[1:]
-                or wire.dtype != wire_dtype(want.dtype)
-            ):
+            shape = tuple(wire.shape)  # rank checked: at most a few entries
+            if shape[1:] != want.shape[1:] or wire.dtype != wire_dtype(want.dtype):
                 raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                    INVALID,
                     f"tensor {want.name!r} of cut {cut.name!r} must be (n, "
                     f"{', '.join(str(d) for d in want.shape[1:])}) {want.dtype}; got {list(shape)} "
                     f"dtype value {wire.dtype}",
                 )
             if shape[0] < 1 or (batch != -1 and shape[0] != batch):
                 raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "every frontier tensor must have the same batch size n >= 1",
+                    INVALID, "every frontier tensor must have the same batch size n >= 1"
                 )
             batch = shape[0]
             total += wire.raw_nbytes
         if batch > max_batch:
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"batch of {batch} exceeds the server's max batch size {max_batch}",
+                INVALID, f"batch of {batch} exceeds the server's max batch size {max_batch}"
             )
         if total > max_bytes or sum(payload_sizes) > max_bytes:
             raise RequestError(
@@ -223,63 +273,68 @@ class TailRuntime:
             )
         return batch
 
-    def decode_frontier(
-        self, req: pb.InferRequest, payloads: Sequence[bytes | bytearray] | None = None
-    ) -> list[torch.Tensor]:
-        """Decode the frontier (payloads from chunks if given); INVALID_ARGUMENT if malformed."""
+    def decode(self, job: Job) -> None:
+        """Decode the job's frontier; INVALID_ARGUMENT if a tensor is malformed."""
+        t0 = time.perf_counter()
         try:
-            if payloads is None:
-                tensors = [decode(t, limits=self.limits) for t in req.frontier]
-            else:
-                tensors = [
-                    decode(t, limits=self.limits, payload=p)
-                    for t, p in zip(req.frontier, payloads, strict=True)
-                ]
+            tensors = [
+                decode(t, limits=self.limits, payload=p)
+                for t, p in zip(job.request.frontier, job.payloads, strict=True)
+            ]
         except CodecError as e:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed tensor: {e}") from None
+            raise RequestError(INVALID, f"malformed tensor: {e}") from None
         if self.device.type != "cpu":
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-        return tensors
+        job.frontier = tensors
+        job.payloads = ()  # the bytes are no longer needed
+        job.decode_s = time.perf_counter() - t0
 
     @torch.no_grad()
-    def run_batch(
-        self, served: ServedModel, cut: str, frontiers: Sequence[Sequence[torch.Tensor]]
-    ) -> list[list[torch.Tensor]]:
-        """Run the tail once over several requests' frontiers; split the outputs back."""
-        tail = served.tail(cut)
-        if len(frontiers) == 1:
-            outs = _flatten(tail(*frontiers[0]))
-            return [[o.cpu() if o.device.type != "cpu" else o for o in outs]]
-        sizes = [f[0].shape[0] for f in frontiers]
-        stacked = [torch.cat(parts) for parts in zip(*frontiers, strict=True)]
-        outs = [o.cpu() for o in _flatten(tail(*stacked))]
-        split = [o.split(sizes) for o in outs]
-        return [[s[i] for s in split] for i in range(len(sizes))]
-
-    def run_and_encode(
-        self, served: ServedModel, cut: str, items: Sequence[tuple[Sequence[torch.Tensor], str]]
-    ) -> list[tuple[list[tensor_pb2.Tensor], float]]:
-        """One batch: the tail over every item's frontier, then each item's outputs encoded
-        with its own codec. Returns ``(outputs, encode_seconds)`` per item.
+    def run(self, jobs: Sequence[Job]) -> None:
+        """One batch of one (model, cut): the tail once over every job's frontier, then
+        each job's outputs encoded with its own codec into its response. A job whose
+        outputs its codec cannot carry gets its own error; the others are answered.
+        Raises only if the tail itself fails.
         """
-        results = self.run_batch(served, cut, [frontier for frontier, _ in items])
-        out: list[tuple[list[tensor_pb2.Tensor], float]] = []
-        for outputs, (_, codec) in zip(results, items, strict=True):
-            t0 = time.perf_counter()
-            out.append((self.encode_outputs(outputs, codec), time.perf_counter() - t0))
-        return out
+        first = jobs[0]
+        tail = first.model.tail(first.cut.name)
+        t0 = time.perf_counter()
+        if len(jobs) == 1:
+            outputs = [_to_cpu(_flatten(tail(*first.frontier)))]
+        else:
+            sizes = [j.samples for j in jobs]
+            stacked = [torch.cat(parts) for parts in zip(*(j.frontier for j in jobs), strict=True)]
+            split = [o.split(sizes) for o in _to_cpu(_flatten(tail(*stacked)))]
+            outputs = [[s[i] for s in split] for i in range(len(jobs))]
+        compute = time.perf_counter() - t0
+        for job, outs in zip(jobs, outputs, strict=True):
+            job.frontier = []
+            job.compute_s = compute
+            self.encode_outputs(job, outs)
 
-    def encode_outputs(
-        self, outputs: Sequence[torch.Tensor], codec: str
-    ) -> list[tensor_pb2.Tensor]:
-        """Encode the outputs with the codec the request asked for (default raw)."""
+    def encode_outputs(self, job: Job, outputs: Sequence[torch.Tensor]) -> None:
+        """Encode ``outputs`` into the job's response, in place, with its codec."""
+        t0 = time.perf_counter()
+        tensors = job.response.outputs
         try:
-            return [encode(o, codec or "raw") for o in outputs]
+            for o in outputs:
+                header, payload = encode_parts(o, job.output_codec)
+                t = tensors.add()
+                t.MergeFrom(header)
+                t.payload = payload if isinstance(payload, bytes) else payload.tobytes()
         except CodecError as e:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"output codec: {e}") from None
+            del tensors[:]
+            job.error = RequestError(
+                INVALID, f"output codec {job.output_codec}: {e} (request {job.request.id})"
+            )
+        job.encode_s = time.perf_counter() - t0
 
     def _unknown_model(self, name: str) -> RequestError:
         return RequestError(
             grpc.StatusCode.NOT_FOUND,
-            f"unknown model {name!r}; this server serves: {', '.join(self.models)}",
+            f"unknown model {clip(name)}; this server serves: {', '.join(self.models)}",
         )
+
+
+def _to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t if t.device.type == "cpu" else t.cpu() for t in tensors]

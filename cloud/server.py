@@ -82,7 +82,7 @@ class CloudServer:
             else None
         )
         server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
-        service = SplitInferenceService(runtime, config, executor, metrics)
+        service = SplitInferenceService(runtime, config, executor, metrics=metrics)
         server.add_generic_rpc_handlers((_handlers(service),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,8 +1,13 @@
 """The ``splitnet.v1.SplitInference`` servicer on ``grpc.aio``.
 
-The event loop only moves messages: decoding, the tail and encoding run on the
-executor. Admission is bounded (``max_in_flight``): a full server answers
-``RESOURCE_EXHAUSTED`` at once instead of queueing silently.
+One request flows one way (cloud/job.py)::
+
+    parse ─► admit (slot, lookup, validate) ─► decode ─► batcher ─► tail, encode ─► respond
+
+The event loop only moves messages: large decodes and slow tails run on the executor;
+a small request for an idle, fast tail runs straight through on the loop, with no task
+or thread hop. Every failure becomes a ``RequestError`` with its own status code: unary
+calls end with it, stream requests answer it in-band and the stream goes on.
 """
 
 from __future__ import annotations
@@ -10,25 +15,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
-from typing import Any, NoReturn, cast
+from typing import NoReturn
 
 import grpc
 
-from cloud.batcher import DynamicBatcher
+from cloud.admission import Admission
+from cloud.batcher import Batcher, DynamicBatcher
 from cloud.config import ServerConfig
+from cloud.job import Job, RequestError
 from cloud.metrics import Metrics
-from cloud.runtime import RequestError, TailRuntime
-from splitnet.errors import CodecError, ProtocolError
+from cloud.runtime import TailRuntime
+from splitnet import __version__
+from splitnet.errors import ProtocolError
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.v1 import inference_pb2_grpc as pb_grpc
-from splitnet.wire import RawChunk, Reassembler, Unparsable, iter_chunks, strip_payloads
+from splitnet.wire import ChunkReader, RawChunk, Unparsable, iter_chunks, strip_payloads
+
+__all__ = ["SplitInferenceService"]
 
 logger = logging.getLogger(__name__)
 
 STREAM_WINDOW = 64  # requests of one stream being worked on at once
 INLINE_DECODE_BYTES = 64 << 10  # smaller requests are decoded on the event loop
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+# What a stream's writer waits on, in request order: an answer, or work that will give one.
+_Answer = pb.StreamResponse | asyncio.Task[pb.StreamResponse]
 
 
 class SplitInferenceService(pb_grpc.SplitInferenceServicer):
@@ -39,24 +53,28 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         runtime: TailRuntime,
         config: ServerConfig,
         executor: Executor,
+        *,
+        batcher: Batcher | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.runtime = runtime
         self.config = config
         self.executor = executor
         self.metrics = metrics
-        # Metric labels come from here only: names a client invents are counted as "".
-        self._cut_names = {
-            name: frozenset(c.name for c in m.graph.cuts) for name, m in runtime.models.items()
-        }
-        self.batcher = DynamicBatcher(
-            self._run_batch,
+        self.batcher: Batcher = batcher or DynamicBatcher(
+            self._run,
             executor,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=config.max_queue_delay_us,
             inline=self._inline,
         )
-        self.in_flight = 0
+        self.admission = Admission(
+            config.max_in_flight, metrics.pending.set if metrics is not None else None
+        )
+        # Metric labels come from here only: names a client invents are counted as "".
+        self._cut_names = {
+            name: frozenset(c.name for c in m.graph.cuts) for name, m in runtime.models.items()
+        }
         self.served = 0
 
     # ---------------------------------------------------------------- RPCs
@@ -64,287 +82,292 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self, request: pb.ModelInfoRequest | Unparsable, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfoResponse:
         if isinstance(request, Unparsable):
-            await _abort(context, RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message))
+            await _abort(context, RequestError(INVALID, request.message))
         try:
             resp = self.runtime.model_info(request.model)
         except RequestError as e:
             await _abort(context, e)
         c = self.config
-        resp.limits.CopyFrom(
-            pb.ServerLimits(
-                max_message_bytes=c.max_message_bytes,
-                max_decoded_bytes=c.max_decoded_bytes,
-                max_batch_size=c.max_batch_size,
-                chunk_bytes=c.chunk_bytes,
-                max_in_flight=c.max_in_flight,
-            )
-        )
-        from splitnet import __version__
-
+        limits = resp.limits
+        limits.max_message_bytes = c.max_message_bytes
+        limits.max_decoded_bytes = c.max_decoded_bytes
+        limits.max_batch_size = c.max_batch_size
+        limits.chunk_bytes = c.chunk_bytes
+        limits.max_in_flight = c.max_in_flight
         resp.server_version = __version__
         return resp
 
     async def Infer(
         self, request: pb.InferRequest | Unparsable, context: grpc.aio.ServicerContext
     ) -> pb.InferResponse:
-        if isinstance(request, Unparsable):
-            error = RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            if self.metrics is not None:
-                self.metrics.failed("", "", error.code.name)
-            logger.debug("request ? INVALID_ARGUMENT: %s", request.message)
-            await _abort(context, error)
-        if request.chunked_payload_bytes:
-            error = RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT, "chunked payloads are for InferStream only"
-            )
-            self._failed(request, error, time.perf_counter())
-            await _abort(context, error)
+        received = time.perf_counter()
         try:
-            return await self._handle(request, None)
+            if isinstance(request, Unparsable):
+                raise RequestError(INVALID, request.message)
+            if request.chunked_payload_bytes:
+                raise RequestError(INVALID, "chunked payloads are for InferStream only")
+            job = self._admit(request, chunked=False, received=received)
+        except RequestError as e:
+            self._failed(request, e)
+            await _abort(context, e)
+        try:
+            await self._process(job)
         except RequestError as e:
             await _abort(context, e)
+        return job.response
 
     async def InferStream(
         self,
         request_iterator: AsyncIterator[pb.StreamRequest | RawChunk | Unparsable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamResponse | RawChunk]:
-        order: asyncio.Queue[asyncio.Task[pb.InferResponse] | None] = asyncio.Queue(STREAM_WINDOW)
-        protocol_error: list[str] = []
+        answers: asyncio.Queue[_Answer | None] = asyncio.Queue(STREAM_WINDOW)
+        broken: list[ProtocolError] = []
         reader = asyncio.get_running_loop().create_task(
-            self._read_stream(request_iterator, order, protocol_error)
+            self._read_stream(request_iterator, answers, broken)
         )
         try:
-            while True:
-                task = await order.get()
-                if task is None:
-                    break
-                resp = await task
-                for msg in self._response_messages(resp):
+            while (item := await answers.get()) is not None:
+                envelope = item if isinstance(item, pb.StreamResponse) else await item
+                for msg in self._response_messages(envelope):
                     yield msg
-            if protocol_error:
-                if self.metrics is not None:
-                    self.metrics.failed("", "", grpc.StatusCode.INVALID_ARGUMENT.name)
-                logger.debug("stream ended: protocol error: %s", protocol_error[0])
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, protocol_error[0])
+            if broken:
+                error = RequestError(INVALID, str(broken[0]))
+                self._failed(None, error)
+                await _abort(context, error)
         finally:
             reader.cancel()
-            while not order.empty():
-                pending = order.get_nowait()
-                if pending is not None:
+            while not answers.empty():
+                pending = answers.get_nowait()
+                if isinstance(pending, asyncio.Task):
                     pending.cancel()
 
-    # ------------------------------------------------------------- helpers
+    # ------------------------------------------------------ the one path
+    def _admit(
+        self,
+        request: pb.InferRequest,
+        *,
+        chunked: bool,
+        stream: bool = False,
+        received: float | None = None,
+    ) -> Job:
+        """A slot, then a validated ``Job``; nothing is decoded yet. On a stream the
+        response is built inside its ``StreamResponse`` envelope, so it is never copied.
+        """
+        self.admission.acquire()
+        try:
+            job = self.runtime.admit(
+                request,
+                chunked=chunked,
+                max_batch_size=self.config.max_batch_size,
+                max_decoded_bytes=self.config.max_decoded_bytes,
+                received=received,
+            )
+        except BaseException:
+            self.admission.release()
+            raise
+        if stream:
+            job.envelope = pb.StreamResponse()
+            job.response = job.envelope.response
+        return job
+
+    async def _process(self, job: Job) -> None:
+        """Decode, batch, answer an admitted job (its ``response`` is complete on return);
+        its slot is released however it ends.
+        """
+        try:
+            if job.nbytes_in <= INLINE_DECODE_BYTES:  # microseconds: a thread hop costs more
+                self.runtime.decode(job)
+            else:
+                await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.runtime.decode, job
+                )
+            try:
+                async with asyncio.timeout(self.config.request_timeout_s):
+                    await self.batcher.submit(job)
+            except TimeoutError:
+                raise RequestError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"request {job.request.id} waited and ran over the server's limit of "
+                    f"{self.config.request_timeout_s:g} s",
+                ) from None
+            if job.error is not None:
+                raise job.error
+            self._respond(job)
+        except RequestError as e:
+            self._failed(job.request, e, job.received)
+            raise
+        finally:
+            self.admission.release()
+
+    def _respond(self, job: Job) -> None:
+        """Complete the job's response (outputs already in place) with the timings."""
+        done = time.perf_counter()
+        resp = job.response
+        resp.id = job.request.id
+        t = resp.timing
+        t.queue_ms = job.queue_s * 1e3
+        t.decode_ms = job.decode_s * 1e3
+        t.compute_ms = job.compute_s * 1e3
+        t.encode_ms = job.encode_s * 1e3
+        t.batch_size = job.batch_size
+        t.total_ms = (done - job.received) * 1e3
+        self.served += 1
+        if self.metrics is not None:
+            self.metrics.ok(
+                *job.key,
+                samples=job.samples,
+                total_s=done - job.received,
+                queue_s=job.queue_s,
+                decode_s=job.decode_s,
+                compute_s=job.compute_s,
+                encode_s=job.encode_s,
+                bytes_in=job.nbytes_in,
+                bytes_out=sum(len(o.payload) for o in resp.outputs),
+            )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "request %d %s@%s OK batch=%d %.2fms",
+                job.request.id,
+                *job.key,
+                job.batch_size,
+                (done - job.received) * 1e3,
+            )
+
+    # ---------------------------------------------------------- streams
     async def _read_stream(
         self,
         requests: AsyncIterator[pb.StreamRequest | RawChunk | Unparsable],
-        order: asyncio.Queue[asyncio.Task[pb.InferResponse] | None],
-        protocol_error: list[str],
+        answers: asyncio.Queue[_Answer | None],
+        broken: list[ProtocolError],
     ) -> None:
-        loop = asyncio.get_running_loop()
-        header: pb.InferRequest | None = None
-        assembler: Reassembler | None = None
+        """Read requests and chunks in order; queue one answer per request."""
+        chunks = ChunkReader("request")
+        waiting: Job | None = None  # the admitted job whose chunks are arriving
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("kind")
                 if kind == "request" and isinstance(msg, pb.StreamRequest):
-                    if header is not None:
-                        raise CodecError(
-                            f"request {msg.request.id} began before request "
-                            f"{header.id}'s chunks were complete"
-                        )
                     req = msg.request
-                    if req.chunked_payload_bytes:
-                        header = req
-                        assembler = Reassembler(
-                            req.chunked_payload_bytes,
-                            len(req.frontier),
-                            self.config.max_decoded_bytes,
-                        )
-                        if assembler.done:
-                            await order.put(
-                                loop.create_task(self._answer(req, assembler.payloads()))
-                            )
-                            header = assembler = None
+                    chunks.check_idle(req.id)
+                    if not req.chunked_payload_bytes:
+                        await answers.put(await self._answer_soon(req, None))
                         continue
-                    await order.put(loop.create_task(self._answer(req, None)))
+                    try:
+                        waiting = self._admit(req, chunked=True, stream=True)
+                    except RequestError as e:  # refused: answer in-band, drop its chunks
+                        self._failed(req, e)
+                        await answers.put(_error_envelope(req.id, e))
+                        if chunks.start(req.id, req.chunked_payload_bytes, len(req.frontier),
+                                        max_total=1 << 62, keep=False):  # fmt: skip
+                            chunks.take()
+                        continue
+                    if chunks.start(req.id, req.chunked_payload_bytes, len(req.frontier),
+                                    max_total=self.config.max_decoded_bytes):  # fmt: skip
+                        waiting.payloads = chunks.take() or ()
+                        job, waiting = waiting, None
+                        await answers.put(await self._answer_soon(req, job))
                 elif kind in ("raw_chunk", "chunk") and not isinstance(msg, Unparsable):
                     chunk = msg if isinstance(msg, RawChunk) else msg.chunk
-                    if header is None or assembler is None or chunk.id != header.id:
-                        raise CodecError(f"chunk for request {chunk.id} that was not announced")
-                    assembler.add(chunk.data)
-                    if assembler.done:
-                        await order.put(
-                            loop.create_task(self._answer(header, assembler.payloads()))
-                        )
-                        header = assembler = None
+                    if chunks.add(chunk.id, chunk.data):
+                        payloads = chunks.take()
+                        if waiting is not None and payloads is not None:
+                            waiting.payloads = payloads
+                            job, waiting = waiting, None
+                            await answers.put(await self._answer_soon(job.request, job))
                 elif isinstance(msg, Unparsable):
-                    raise CodecError(msg.message)
+                    raise ProtocolError(msg.message)
                 else:
-                    raise CodecError("empty stream message")
-            if header is not None:
-                raise CodecError(f"stream ended before request {header.id}'s chunks were complete")
-        except (CodecError, ProtocolError) as e:
-            protocol_error.append(str(e))
+                    raise ProtocolError("empty stream message")
+            chunks.finish()
+        except ProtocolError as e:
+            broken.append(e)
         finally:
-            await order.put(None)
+            if waiting is not None:  # its chunks never completed: give back its slot
+                self.admission.release()
+            await answers.put(None)
 
-    async def _answer(
-        self, request: pb.InferRequest, payloads: Sequence[bytearray] | None
-    ) -> pb.InferResponse:
-        """Like ``_handle`` but errors travel in-band (streams keep going)."""
+    async def _answer_soon(self, req: pb.InferRequest, job: Job | None) -> _Answer:
+        """The answer itself when it can be computed right here without waiting (small,
+        fast, idle), else a task computing it, so the stream keeps reading meanwhile.
+        """
+        if job is None:
+            try:
+                job = self._admit(req, chunked=False, stream=True)
+            except RequestError as e:
+                self._failed(req, e)
+                return _error_envelope(req.id, e)
+        if job.nbytes_in <= INLINE_DECODE_BYTES and self.batcher.idle(job.key):
+            return await self._answer(job)  # never suspends: no task needed
+        return asyncio.get_running_loop().create_task(self._answer(job))
+
+    async def _answer(self, job: Job) -> pb.StreamResponse:
         try:
-            return await self._handle(request, payloads)
+            await self._process(job)
         except RequestError as e:
-            return pb.InferResponse(
-                id=request.id, error=pb.Error(code=e.code.value[0], message=e.message)
-            )
+            return _error_envelope(job.request.id, e)
+        assert job.envelope is not None
+        return job.envelope
 
-    async def _handle(
-        self, request: pb.InferRequest, payloads: Sequence[bytearray] | None
-    ) -> pb.InferResponse:
-        received = time.perf_counter()
-        try:
-            return await self._serve(request, payloads, received)
-        except RequestError as e:
-            self._failed(request, e, received)
-            raise
+    def _response_messages(self, envelope: pb.StreamResponse) -> list[pb.StreamResponse | RawChunk]:
+        """The envelope, and after it the chunks of outputs too large for one message."""
+        resp = envelope.response
+        payloads = strip_payloads(resp.outputs, self.config.chunk_bytes)
+        if payloads is None:
+            return [envelope]
+        resp.chunked_payload_bytes.extend(len(p) for p in payloads)
+        msgs: list[pb.StreamResponse | RawChunk] = [envelope]
+        msgs += [RawChunk(resp.id, d) for d in iter_chunks(payloads, self.config.chunk_bytes)]
+        return msgs
 
-    def _labels(self, request: pb.InferRequest) -> tuple[str, str]:
+    # ---------------------------------------------------------- helpers
+    def _inline(self, key: tuple[str, str]) -> bool:
+        served = self.runtime.models.get(key[0])
+        tail_ms = served.tail_ms.get(key[1]) if served is not None else None
+        return tail_ms is not None and tail_ms * 1e3 < self.config.inline_tail_us
+
+    def _run(self, jobs: Sequence[Job]) -> None:
+        self.runtime.run(jobs)
+        if self.metrics is not None:
+            self.metrics.executed(*jobs[0].key, sum(j.samples for j in jobs))
+
+    def _labels(self, request: pb.InferRequest | None) -> tuple[str, str]:
+        if request is None or isinstance(request, Unparsable):
+            return "", ""
         cuts = self._cut_names.get(request.model)
         if cuts is None:
             return "", ""
         return request.model, request.cut if request.cut in cuts else ""
 
-    def _failed(self, request: pb.InferRequest, error: RequestError, received: float) -> None:
+    def _failed(
+        self,
+        request: pb.InferRequest | Unparsable | None,
+        error: RequestError,
+        received: float | None = None,
+    ) -> None:
         """Count and log (debug) one refused request."""
-        model, cut = self._labels(request)
+        model, cut = self._labels(request if isinstance(request, pb.InferRequest) else None)
         if self.metrics is not None:
             self.metrics.failed(model, cut, error.code.name)
-        logger.debug(
-            "request %d %s@%s %s %.2fms: %s",
-            request.id,
-            model or "?",
-            cut or "?",
-            error.code.name,
-            (time.perf_counter() - received) * 1e3,
-            error.message,
-        )
-
-    async def _serve(
-        self, request: pb.InferRequest, payloads: Sequence[bytearray] | None, received: float
-    ) -> pb.InferResponse:
-        if self.in_flight >= self.config.max_in_flight:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server is at its limit of {self.config.max_in_flight} requests in flight; retry",
-            )
-        self.in_flight += 1
-        if self.metrics is not None:
-            self.metrics.pending.set(self.in_flight)
-        try:
-            served, cut = self.runtime.lookup(request)
-            sizes = (
-                [len(p) for p in payloads]
-                if payloads is not None
-                else [len(t.payload) for t in request.frontier]
-            )
-            batch = self.runtime.check_frontier(
-                request,
-                cut,
-                sizes,
-                max_batch_size=self.config.max_batch_size,
-                max_decoded_bytes=self.config.max_decoded_bytes,
-            )
-            t0 = time.perf_counter()
-            if sum(sizes) <= INLINE_DECODE_BYTES:  # microseconds: a thread hop costs more
-                frontier = self.runtime.decode_frontier(request, payloads)
-            else:
-                frontier = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.runtime.decode_frontier, request, payloads
-                )
-            decoded = time.perf_counter()
-            try:
-                # asyncio.timeout, not wait_for: no extra task per request.
-                async with asyncio.timeout(self.config.request_timeout_s):
-                    result = await self.batcher.submit(
-                        (served.name, cut.name), (frontier, request.output_codec), batch
-                    )
-            except TimeoutError:
-                raise RequestError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"request {request.id} waited and ran over the server's limit of "
-                    f"{self.config.request_timeout_s:g} s",
-                ) from None
-            except Exception:
-                logger.exception(
-                    "tail of %s@%s failed on request %d", served.name, cut.name, request.id
-                )
-                raise RequestError(
-                    grpc.StatusCode.INTERNAL,
-                    f"the tail failed on request {request.id}; the server log has the details",
-                ) from None
-            outputs, encode_s = result.value
-            done = time.perf_counter()
-            self.served += 1
-            resp = pb.InferResponse(id=request.id, outputs=outputs)
-            resp.timing.CopyFrom(
-                pb.ServerTiming(
-                    queue_ms=result.queue_s * 1e3,
-                    decode_ms=(decoded - t0) * 1e3,
-                    compute_ms=result.compute_s * 1e3,
-                    encode_ms=encode_s * 1e3,
-                    batch_size=result.batch_size,
-                    total_ms=(done - received) * 1e3,
-                )
-            )
-            if self.metrics is not None:
-                self.metrics.ok(
-                    served.name,
-                    cut.name,
-                    samples=batch,
-                    total_s=done - received,
-                    queue_s=result.queue_s,
-                    decode_s=decoded - t0,
-                    compute_s=result.compute_s,
-                    encode_s=encode_s,
-                    bytes_in=sum(sizes),
-                    bytes_out=sum(len(o.payload) for o in outputs),
-                )
+        if logger.isEnabledFor(logging.DEBUG):
+            rid = request.id if isinstance(request, pb.InferRequest) else "?"
+            took = f" {(time.perf_counter() - received) * 1e3:.2f}ms" if received else ""
             logger.debug(
-                "request %d %s@%s OK batch=%d %.2fms",
-                request.id,
-                served.name,
-                cut.name,
-                result.batch_size,
-                (done - received) * 1e3,
+                "request %s %s@%s %s%s: %s",
+                rid,
+                model or "?",
+                cut or "?",
+                error.code.name,
+                took,
+                error.message,
             )
-            return resp
-        finally:
-            self.in_flight -= 1
-            if self.metrics is not None:
-                self.metrics.pending.set(self.in_flight)
 
-    def _inline(self, key: Hashable) -> bool:
-        model, cut = cast(tuple[str, str], key)
-        tail_ms = self.runtime.models[model].tail_ms.get(cut)
-        return tail_ms is not None and tail_ms * 1e3 < self.config.inline_tail_us
 
-    def _run_batch(self, key: Hashable, items: Sequence[Any]) -> list[Any]:
-        model, cut = cast(tuple[str, str], key)
-        results = self.runtime.run_and_encode(self.runtime.models[model], cut, items)
-        if self.metrics is not None:
-            self.metrics.executed(model, cut, sum(frontier[0].shape[0] for frontier, _ in items))
-        return results
-
-    def _response_messages(self, resp: pb.InferResponse) -> list[pb.StreamResponse | RawChunk]:
-        payloads = strip_payloads(resp.outputs, self.config.chunk_bytes)
-        if payloads is None:
-            return [pb.StreamResponse(response=resp)]
-        resp.chunked_payload_bytes.extend(len(p) for p in payloads)
-        msgs: list[pb.StreamResponse | RawChunk] = [pb.StreamResponse(response=resp)]
-        msgs += [RawChunk(resp.id, d) for d in iter_chunks(payloads, self.config.chunk_bytes)]
-        return msgs
+def _error_envelope(rid: int, error: RequestError) -> pb.StreamResponse:
+    envelope = pb.StreamResponse()
+    envelope.response.id = rid
+    envelope.response.error.CopyFrom(error.to_pb())
+    return envelope
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: RequestError) -> NoReturn:

@@ -190,6 +190,13 @@ class ChunkReader:
         a = self._assembler
         return a.received if a is not None and a.keep else 0
 
+    def check_idle(self, ident: int) -> None:
+        """``ProtocolError`` if message ``ident`` arrives while a transfer is incomplete."""
+        if self._assembler is not None:
+            raise ProtocolError(
+                f"{self.what} {ident} began before {self.what} {self._id}'s chunks were complete"
+            )
+
     def start(
         self,
         ident: int,
@@ -202,10 +209,7 @@ class ChunkReader:
         """Begin a transfer for message ``ident``; True if it is already complete (no
         bytes declared). ``keep=False`` drops the chunks (a refused message).
         """
-        if self._assembler is not None:
-            raise ProtocolError(
-                f"{self.what} {ident} began before {self.what} {self._id}'s chunks were complete"
-            )
+        self.check_idle(ident)
         self._assembler = Reassembler(sizes, n_tensors, max_total, keep=keep)
         self._id = ident
         return self._assembler.done

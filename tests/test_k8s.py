@@ -59,7 +59,7 @@ def test_manifest_deployment_and_headless_service() -> None:
     assert model.weights.startswith(
         next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "models")
     )
-    assert pod["spec"]["terminationGracePeriodSeconds"] > args.grace
+    assert pod["spec"]["terminationGracePeriodSeconds"] > args.grace_s
     # Metrics on the declared port, where the scrape annotation points.
     assert args.metrics_port == ports["metrics"]["containerPort"]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
