@@ -67,7 +67,7 @@ sweep: $(WEIGHTS)
 soak: $(WEIGHTS)
 	$(PY) -m benchmarks.soak --weights $(WEIGHTS) --out out/soak.json
 
-bench-overhead: $(STAMP)
+bench-overhead: $(WEIGHTS)
 	$(PY) -m benchmarks.overhead
 
 # Standalone vs Ray Serve with 1 and 2 replicas, 16 concurrent edge clients.

@@ -129,7 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _warn_untrained(config: ServerConfig, prog: str) -> None:
+    for m in config.models:
+        if m.weights is None and ":" not in m.name.removeprefix("torchvision:"):
+            print(
+                f"{prog}: warning: {m.name} has no weights file: serving its untrained "
+                f"initial weights (give --model {m.name}=WEIGHTS.safetensors)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 async def _serve(config: ServerConfig) -> int:
+    _warn_untrained(config, "splitnet-cloud")
     server = await CloudServer.start(config)
     server.handle_signals()  # before the banner: whoever reads it may signal at once
     print(server.banner(), flush=True)

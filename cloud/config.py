@@ -36,6 +36,12 @@ class ServerConfig:
     max_batch_size: int = 8  # dynamic batching: most samples per tail run
     max_queue_delay_us: int = 0  # dynamic batching: longest wait for a fuller batch
     max_in_flight: int = 256  # requests admitted at once; more get RESOURCE_EXHAUSTED
+    max_pending_bytes: int = 256 * MiB  # bytes all unfinished chunked requests may hold
+    chunk_idle_s: float = 10.0  # longest wait for a chunked request's next chunk
+    max_concurrent_rpcs: int = 1024  # calls gRPC runs at once; more get RESOURCE_EXHAUSTED
+    max_streams_per_connection: int = 128  # HTTP/2 streams one connection may have open
+    max_metadata_size: int = 16 << 10  # request headers per call, in bytes
+    max_health_watches: int = 32  # health Watch streams open at once (probes: poll Check)
     chunk_bytes: int = CHUNK_BYTES  # size of the chunks large payloads travel in on streams
     profile_runs: int = 3  # timed runs per model at start-up for per-cut tail latency
     inline_tail_us: int = 50  # tails profiled faster than this run on the event loop (0: never)
@@ -48,6 +54,7 @@ class ServerConfig:
     insecure: bool = False  # allow plaintext on a non-loopback address
     metrics_port: int | None = None  # Prometheus /metrics port (0: any; HTTPS with TLS); off
     metrics_host: str = "127.0.0.1"  # address of the metrics endpoint
+    metrics_open: bool = False  # metrics without the token / client cert gRPC asks for
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -62,7 +69,12 @@ class ServerConfig:
             "max_decoded_bytes",
             "max_batch_size",
             "max_in_flight",
+            "max_pending_bytes",
             "chunk_bytes",
+            "max_concurrent_rpcs",
+            "max_streams_per_connection",
+            "max_metadata_size",
+            "max_health_watches",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -72,8 +84,8 @@ class ServerConfig:
             )
         if self.chunk_bytes > self.max_message_bytes // 2:
             raise ConfigError("chunk_bytes must be at most half of max_message_bytes")
-        if self.request_timeout_s <= 0:
-            raise ConfigError("request_timeout_s must be > 0")
+        if self.request_timeout_s <= 0 or self.chunk_idle_s <= 0:
+            raise ConfigError("request_timeout_s and chunk_idle_s must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:

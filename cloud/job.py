@@ -67,7 +67,8 @@ class Job:
     samples: int  # batch rows (dimension 0 of the frontier)
     nbytes_in: int  # frontier payload bytes (announced, for a chunked request)
     output_codec: CodecSpec  # how to encode its outputs
-    client: str = ""  # who sent it (peer or token), for fair shares
+    client: str = ""  # who sent it (token or peer address), for fair shares
+    reserved: int = 0  # bytes of the pending budget it holds (chunked, until decoded)
     received: float = field(default_factory=time.perf_counter)  # when it arrived
     frontier: list[torch.Tensor] = field(default_factory=list)  # decoded tensors
     response: pb.InferResponse = field(default_factory=pb.InferResponse)  # built in place

@@ -26,16 +26,16 @@ Labels come only from what the server serves: a request naming an unknown model 
 is counted under ``model=""`` / ``cut=""``, so hostile names cannot grow the label set.
 Failures refused before any parsing (authentication, a broken stream) are counted with
 both labels empty. Process metrics (``process_resident_memory_bytes``, CPU seconds,
-open files) come from prometheus_client's process collector.
+open files) come from prometheus_client's process collector. The endpoint that serves
+them is cloud/scrape.py.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.process_collector import ProcessCollector
 
 __all__ = ["Metrics"]
@@ -132,8 +132,6 @@ class Metrics:
         ProcessCollector(registry=r)
         self._children: dict[tuple[str, str], _Children] = {}
         self._lock = threading.Lock()
-        self._http: WSGIServer | None = None
-        self.port = 0  # of the HTTP endpoint, once serving
 
     def _of(self, model: str, cut: str) -> _Children:
         key = (model, cut)
@@ -195,25 +193,3 @@ class Metrics:
         c = self._of(model, cut)
         c.exec_count.inc()
         c.batch_size.observe(samples)
-
-    # -------------------------------------------------------------- HTTP
-    def serve(
-        self,
-        host: str,
-        port: int,
-        *,
-        certfile: str | None = None,
-        keyfile: str | None = None,
-    ) -> int:
-        """Expose ``/metrics`` over HTTP (HTTPS with a certificate); return the port."""
-        self._http, _ = start_http_server(
-            port, host, registry=self.registry, certfile=certfile, keyfile=keyfile
-        )
-        return int(self._http.server_address[1])
-
-    def close(self) -> None:
-        """Stop the HTTP endpoint, if any."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None

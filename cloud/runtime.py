@@ -10,6 +10,7 @@ own outputs or its own error.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -247,7 +248,7 @@ class TailRuntime:
         max_bytes = max_decoded_bytes or self.max_decoded_bytes
         batch = -1
         total = 0
-        for wire, want in zip(req.frontier, cut.frontier, strict=True):
+        for wire, want, size in zip(req.frontier, cut.frontier, payload_sizes, strict=True):
             shape = tuple(wire.shape)  # rank checked: at most a few entries
             if shape[1:] != want.shape[1:] or wire.dtype != wire_dtype(want.dtype):
                 raise RequestError(
@@ -261,7 +262,20 @@ class TailRuntime:
                     INVALID, "every frontier tensor must have the same batch size n >= 1"
                 )
             batch = shape[0]
-            total += wire.raw_nbytes
+            raw = math.prod(shape) * want.dtype.itemsize
+            if wire.raw_nbytes != raw:
+                raise RequestError(
+                    INVALID,
+                    f"malformed tensor {want.name!r}: raw_nbytes {wire.raw_nbytes}, but its shape "
+                    f"{list(shape)} and dtype make {raw}",
+                )
+            if size > payload_bound(raw):
+                raise RequestError(
+                    INVALID,
+                    f"malformed tensor {want.name!r}: a {size}-byte payload; a {list(shape)} "
+                    f"{want.dtype} tensor never needs more than {payload_bound(raw)} in any codec",
+                )
+            total += raw
         if batch > max_batch:
             raise RequestError(
                 INVALID, f"batch of {batch} exceeds the server's max batch size {max_batch}"
@@ -334,6 +348,14 @@ class TailRuntime:
             grpc.StatusCode.NOT_FOUND,
             f"unknown model {clip(name)}; this server serves: {', '.join(self.models)}",
         )
+
+
+def payload_bound(raw_nbytes: int) -> int:
+    """The most payload bytes any codec can need for a tensor of ``raw_nbytes``: the raw
+    bytes, or zstd of them at its worst (a frame over incompressible data grows by well
+    under 1/64 plus a small header).
+    """
+    return raw_nbytes + raw_nbytes // 64 + 1024
 
 
 def _to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -11,6 +11,8 @@ import asyncio
 import functools
 import logging
 import signal
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +20,16 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from cloud.auth import TokenAuthInterceptor
 from cloud.config import ServerConfig
 from cloud.metrics import Metrics
+from cloud.probes import BoundedHealth, reflection_handler
 from cloud.runtime import TailRuntime
+from cloud.scrape import ScrapeServer
 from cloud.service import SplitInferenceService
+from splitnet.errors import ConfigError
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.wire import safe_parser, serialize_stream_message, stream_parser
 
@@ -35,13 +39,22 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """GRPC options: message limits, and keepalive that suits mobile links."""
+    """GRPC's own server limits, set on purpose (README, "Security" says why each)."""
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        # Allow clients' keepalive pings every 10 s even without calls in flight.
+        # HTTP/2 streams one connection may have open at once (gRPC's default: unbounded).
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # Request metadata (headers) per call: a bearer token needs well under this.
+        ("grpc.max_metadata_size", config.max_metadata_size),
+        # A port in use is an error, not a port shared with a stale server (gRPC's
+        # default, SO_REUSEPORT, lets two servers answer on one port in turn).
+        ("grpc.so_reuseport", 0),
+        # Keepalive: clients may ping every 10 s, even without calls in flight (mobile
+        # links); a client pinging faster is warned, then disconnected after 3 strikes.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 3),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
     ]
@@ -55,11 +68,13 @@ class CloudServer:
         config: ServerConfig,
         server: grpc.aio.Server,
         service: SplitInferenceService,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: BoundedHealth,
         executor: ThreadPoolExecutor,
         port: int,
+        scrape: ScrapeServer | None = None,
     ) -> None:
         self.config = config
+        self.scrape = scrape
         self.server = server
         self.service = service
         self.health = health_servicer
@@ -81,41 +96,43 @@ class CloudServer:
             if config.tokens
             else None
         )
-        server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
-        service = SplitInferenceService(runtime, config, executor, metrics=metrics)
-        server.add_generic_rpc_handlers((_handlers(service),))
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        server = grpc.aio.server(
+            options=channel_options(config),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        address = f"[{config.host}]" if ":" in config.host else config.host
+        service = SplitInferenceService(runtime, config, executor, metrics=metrics)
+        health_servicer = BoundedHealth(config.max_health_watches)
+        server.add_generic_rpc_handlers(
+            (
+                _handlers(service),
+                health_servicer.handler(),
+                reflection_handler((SERVICE_NAME, health.SERVICE_NAME)),
+            )
+        )
         if config.tls_cert is not None and config.tls_key is not None:
+            check_tls_files(config)  # a wrong pair would fail later as "Failed to bind"
             client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
             credentials = grpc.ssl_server_credentials(
                 [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
                 root_certificates=client_ca,
                 require_client_auth=client_ca is not None,
             )
-            port = server.add_secure_port(f"{address}:{config.port}", credentials)
+            port = _bind(lambda where: server.add_secure_port(where, credentials), config)
         else:
-            port = server.add_insecure_port(f"{address}:{config.port}")
-        if port == 0:
-            raise OSError(
-                f"cannot listen on {config.host}:{config.port} (in use, or no such address)"
-            )
+            port = _bind(server.add_insecure_port, config)
         await server.start()
+        scrape = None
         if metrics is not None and config.metrics_port is not None:
-            # TLS on the gRPC port means HTTPS here, with the same certificate.
-            metrics.port = metrics.serve(
-                config.metrics_host,
-                config.metrics_port,
-                certfile=config.tls_cert,
-                keyfile=config.tls_key,
+            scrape = ScrapeServer(
+                metrics.registry,
+                tokens=() if config.metrics_open else config.tokens,
+                ssl_context=_metrics_tls(config),
             )
+            await scrape.start(config.metrics_host, config.metrics_port)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return cls(config, server, service, health_servicer, executor, port)
+        return cls(config, server, service, health_servicer, executor, port, scrape)
 
     @property
     def address(self) -> str:
@@ -139,13 +156,19 @@ class CloudServer:
         )
 
     def _metrics_banner(self) -> str:
-        m = self.service.metrics
-        if m is None:
+        if self.scrape is None:
             return ""
-        scheme = "https" if self.config.tls_cert else "http"
-        host = self.config.metrics_host
-        host = f"[{host}]" if ":" in host else host
-        return f", metrics {scheme}://{host}:{m.port}/metrics"
+        c = self.config
+        scheme = "https" if c.tls_cert else "http"
+        host = f"[{c.metrics_host}]" if ":" in c.metrics_host else c.metrics_host
+        guard = (
+            "open"
+            if c.metrics_open or not (c.tokens or c.tls_client_ca)
+            else " + ".join(
+                w for w, on in (("token", c.tokens), ("client cert", c.tls_client_ca)) if on
+            )
+        )
+        return f", metrics {scheme}://{host}:{self.scrape.port}/metrics ({guard})"
 
     async def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, let in-flight requests finish (up to ``grace`` s), then stop."""
@@ -154,8 +177,8 @@ class CloudServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s if grace is None else grace)
         await self.service.batcher.close()
-        if self.service.metrics is not None:
-            self.service.metrics.close()
+        if self.scrape is not None:
+            await self.scrape.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
@@ -204,6 +227,72 @@ def _handlers(service: SplitInferenceService) -> grpc.GenericRpcHandler:
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _bind(add_port: Callable[[str], int], config: ServerConfig) -> int:
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    port = 0 if config.port and not _port_free(config.host, config.port) else None
+    if port is None:  # free: gRPC binds it (its own failure logs a line of C++ noise)
+        try:
+            port = add_port(f"{host}:{config.port}")
+        except RuntimeError:  # grpc raises "Failed to bind" instead of returning 0
+            port = 0
+    if port == 0:
+        raise OSError(
+            f"cannot listen on {config.host}:{config.port}: the port is in use (another "
+            "server?) or the address is not this machine's; pick another --port, or 0 for any"
+        )
+    return port
+
+
+def _port_free(host: str, port: int) -> bool:
+    """True if ``host:port`` can be bound (no server there, SO_REUSEPORT or not)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError:
+            return False
+    return True
+
+
+def check_tls_files(config: ServerConfig) -> None:
+    """Refuse unreadable certificate files, and a certificate and key that do not match."""
+    assert config.tls_cert is not None and config.tls_key is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for flag, path in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key),
+                       ("--tls-client-ca", config.tls_client_ca)):  # fmt: skip
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path!r}: no such file")
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as e:
+        raise ConfigError(
+            f"--tls-cert {config.tls_cert!r} and --tls-key {config.tls_key!r} do not make a "
+            f"pair ({e.reason or e}): give the key the certificate was made for"
+        ) from None
+    if config.tls_client_ca is not None:
+        try:
+            ctx.load_verify_locations(config.tls_client_ca)
+        except ssl.SSLError as e:
+            raise ConfigError(
+                f"--tls-client-ca {config.tls_client_ca!r} is not a PEM CA certificate ({e})"
+            ) from None
+
+
+def _metrics_tls(config: ServerConfig) -> ssl.SSLContext | None:
+    """HTTPS with the gRPC port's certificate; client certificates required under mTLS
+    (unless the metrics are opened on purpose).
+    """
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca is not None and not config.metrics_open:
+        ctx.load_verify_locations(config.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def _count_refusals(metrics: Metrics | None) -> Callable[[str], None] | None:

@@ -13,6 +13,7 @@ calls end with it, stream requests answer it in-band and the stream goes on.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -69,7 +70,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             inline=self._inline,
         )
         self.admission = Admission(
-            config.max_in_flight, metrics.pending.set if metrics is not None else None
+            config.max_in_flight,
+            config.max_pending_bytes,
+            metrics.pending.set if metrics is not None else None,
         )
         # Metric labels come from here only: names a client invents are counted as "".
         self._cut_names = {
@@ -106,7 +109,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 raise RequestError(INVALID, request.message)
             if request.chunked_payload_bytes:
                 raise RequestError(INVALID, "chunked payloads are for InferStream only")
-            job = self._admit(request, chunked=False, received=received)
+            job = self._admit(request, self._client(context), chunked=False, received=received)
         except RequestError as e:
             self._failed(request, e)
             await _abort(context, e)
@@ -122,9 +125,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamResponse | RawChunk]:
         answers: asyncio.Queue[_Answer | None] = asyncio.Queue(STREAM_WINDOW)
-        broken: list[ProtocolError] = []
+        broken: list[RequestError] = []
         reader = asyncio.get_running_loop().create_task(
-            self._read_stream(request_iterator, answers, broken)
+            self._read_stream(request_iterator, self._client(context), answers, broken)
         )
         try:
             while (item := await answers.get()) is not None:
@@ -132,9 +135,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 for msg in self._response_messages(envelope):
                     yield msg
             if broken:
-                error = RequestError(INVALID, str(broken[0]))
-                self._failed(None, error)
-                await _abort(context, error)
+                self._failed(None, broken[0])
+                await _abort(context, broken[0])
         finally:
             reader.cancel()
             while not answers.empty():
@@ -146,15 +148,17 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     def _admit(
         self,
         request: pb.InferRequest,
+        client: str,
         *,
         chunked: bool,
         stream: bool = False,
         received: float | None = None,
     ) -> Job:
-        """A slot, then a validated ``Job``; nothing is decoded yet. On a stream the
-        response is built inside its ``StreamResponse`` envelope, so it is never copied.
+        """A slot (and for a chunked request, its announced bytes), then a validated
+        ``Job``; nothing is decoded yet. On a stream the response is built inside its
+        ``StreamResponse`` envelope, so it is never copied.
         """
-        self.admission.acquire()
+        self.admission.acquire(client)
         try:
             job = self.runtime.admit(
                 request,
@@ -162,18 +166,32 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 max_batch_size=self.config.max_batch_size,
                 max_decoded_bytes=self.config.max_decoded_bytes,
                 received=received,
+                client=client,
             )
-        except BaseException:
-            self.admission.release()
+            if chunked:
+                self.admission.reserve(job.nbytes_in)
+                job.reserved = job.nbytes_in
+        except RequestError:
+            self.admission.release(client)
             raise
+        except Exception as e:  # a bug of ours: this request fails, nothing else
+            self.admission.release(client)
+            raise _internal(request, e) from None
         if stream:
             job.envelope = pb.StreamResponse()
             job.response = job.envelope.response
         return job
 
+    def _release(self, job: Job) -> None:
+        """Give back what the job holds: its pending bytes and its slot."""
+        if job.reserved:
+            self.admission.unreserve(job.reserved)
+            job.reserved = 0
+        self.admission.release(job.client)
+
     async def _process(self, job: Job) -> None:
         """Decode, batch, answer an admitted job (its ``response`` is complete on return);
-        its slot is released however it ends.
+        what it holds is released however it ends.
         """
         try:
             if job.nbytes_in <= INLINE_DECODE_BYTES:  # microseconds: a thread hop costs more
@@ -182,6 +200,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.runtime.decode, job
                 )
+            if job.reserved:  # decoded: its chunk bytes are gone
+                self.admission.unreserve(job.reserved)
+                job.reserved = 0
             try:
                 async with asyncio.timeout(self.config.request_timeout_s):
                     await self.batcher.submit(job)
@@ -197,8 +218,12 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         except RequestError as e:
             self._failed(job.request, e, job.received)
             raise
+        except Exception as e:  # a bug of ours: this request fails, nothing else
+            error = _internal(job.request, e)
+            self._failed(job.request, error, job.received)
+            raise error from None
         finally:
-            self.admission.release()
+            self._release(job)
 
     def _respond(self, job: Job) -> None:
         """Complete the job's response (outputs already in place) with the timings."""
@@ -238,62 +263,87 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     async def _read_stream(
         self,
         requests: AsyncIterator[pb.StreamRequest | RawChunk | Unparsable],
+        client: str,
         answers: asyncio.Queue[_Answer | None],
-        broken: list[ProtocolError],
+        broken: list[RequestError],
     ) -> None:
-        """Read requests and chunks in order; queue one answer per request."""
+        """Read requests and chunks in order; queue one answer per request.
+
+        While a request's chunks are arriving, each must come within ``chunk_idle_s``;
+        a stall fails the stream and releases what the request held.
+        """
         chunks = ChunkReader("request")
         waiting: Job | None = None  # the admitted job whose chunks are arriving
+        refused = -1  # id of a chunked request refused at its header: its chunks are dropped
+        messages = aiter(requests)
         try:
-            async for msg in requests:
+            while True:
+                try:
+                    if waiting is None:
+                        msg = await anext(messages)
+                    else:
+                        async with asyncio.timeout(self.config.chunk_idle_s):
+                            msg = await anext(messages)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    assert waiting is not None
+                    raise RequestError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"request {waiting.request.id}'s chunks stopped arriving for "
+                        f"{self.config.chunk_idle_s:g} s; its bytes were released",
+                    ) from None
                 kind = msg.WhichOneof("kind")
                 if kind == "request" and isinstance(msg, pb.StreamRequest):
                     req = msg.request
                     chunks.check_idle(req.id)
+                    refused = -1
                     if not req.chunked_payload_bytes:
-                        await answers.put(await self._answer_soon(req, None))
+                        await answers.put(await self._answer_soon(req, client, None))
                         continue
                     try:
-                        waiting = self._admit(req, chunked=True, stream=True)
+                        waiting = self._admit(req, client, chunked=True, stream=True)
                     except RequestError as e:  # refused: answer in-band, drop its chunks
                         self._failed(req, e)
                         await answers.put(_error_envelope(req.id, e))
-                        if chunks.start(req.id, req.chunked_payload_bytes, len(req.frontier),
-                                        max_total=1 << 62, keep=False):  # fmt: skip
-                            chunks.take()
+                        refused = req.id
                         continue
                     if chunks.start(req.id, req.chunked_payload_bytes, len(req.frontier),
                                     max_total=self.config.max_decoded_bytes):  # fmt: skip
                         waiting.payloads = chunks.take() or ()
                         job, waiting = waiting, None
-                        await answers.put(await self._answer_soon(req, job))
+                        await answers.put(await self._answer_soon(req, client, job))
                 elif kind in ("raw_chunk", "chunk") and not isinstance(msg, Unparsable):
                     chunk = msg if isinstance(msg, RawChunk) else msg.chunk
+                    if chunk.id == refused and not chunks.busy:
+                        continue  # sent before the client read the refusal, or sent anyway
                     if chunks.add(chunk.id, chunk.data):
                         payloads = chunks.take()
                         if waiting is not None and payloads is not None:
                             waiting.payloads = payloads
                             job, waiting = waiting, None
-                            await answers.put(await self._answer_soon(job.request, job))
+                            await answers.put(await self._answer_soon(job.request, client, job))
                 elif isinstance(msg, Unparsable):
                     raise ProtocolError(msg.message)
                 else:
                     raise ProtocolError("empty stream message")
             chunks.finish()
         except ProtocolError as e:
+            broken.append(RequestError(INVALID, str(e)))
+        except RequestError as e:
             broken.append(e)
         finally:
-            if waiting is not None:  # its chunks never completed: give back its slot
-                self.admission.release()
+            if waiting is not None:  # its chunks never completed: give back what it held
+                self._release(waiting)
             await answers.put(None)
 
-    async def _answer_soon(self, req: pb.InferRequest, job: Job | None) -> _Answer:
+    async def _answer_soon(self, req: pb.InferRequest, client: str, job: Job | None) -> _Answer:
         """The answer itself when it can be computed right here without waiting (small,
         fast, idle), else a task computing it, so the stream keeps reading meanwhile.
         """
         if job is None:
             try:
-                job = self._admit(req, chunked=False, stream=True)
+                job = self._admit(req, client, chunked=False, stream=True)
             except RequestError as e:
                 self._failed(req, e)
                 return _error_envelope(req.id, e)
@@ -321,6 +371,19 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         return msgs
 
     # ---------------------------------------------------------- helpers
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        """Who is asking, for fair shares: the bearer token where the server requires
+        one (hashed), else the peer address without its port.
+        """
+        if self.config.tokens:
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization":
+                    text = value if isinstance(value, str) else bytes(value).decode("latin-1")
+                    return "token:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        peer = getattr(context, "peer", None)
+        address = peer() if callable(peer) else ""
+        return (address or "").rsplit(":", 1)[0]
+
     def _inline(self, key: tuple[str, str]) -> bool:
         served = self.runtime.models.get(key[0])
         tail_ms = served.tail_ms.get(key[1]) if served is not None else None
@@ -361,6 +424,15 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 took,
                 error.message,
             )
+
+
+def _internal(request: pb.InferRequest, error: Exception) -> RequestError:
+    """A failure of ours on one request: logged in full, answered without details."""
+    logger.error("request %d failed inside the server", request.id, exc_info=error)
+    return RequestError(
+        grpc.StatusCode.INTERNAL,
+        f"request {request.id} failed inside the server; the server log has the details",
+    )
 
 
 def _error_envelope(rid: int, error: RequestError) -> pb.StreamResponse:

@@ -5,11 +5,14 @@ __version__ = "0.1.0"
 from splitnet.codecs import CodecSpec, DecodeLimits, decode, encode, parse_codec
 from splitnet.errors import (
     CodecError,
+    ConfigError,
     ModelError,
     ModelMismatchError,
     PartitionError,
+    ProtocolError,
     RemoteError,
     SplitNetError,
+    remote_error,
 )
 from splitnet.models import fingerprint, load_model
 from splitnet.partition import Cut, FrontierTensor, SplitGraph, trace
@@ -17,6 +20,7 @@ from splitnet.partition import Cut, FrontierTensor, SplitGraph, trace
 __all__ = [
     "CodecError",
     "CodecSpec",
+    "ConfigError",
     "Cut",
     "FrontierTensor",
     "SplitGraph",
@@ -24,6 +28,7 @@ __all__ = [
     "ModelError",
     "ModelMismatchError",
     "PartitionError",
+    "ProtocolError",
     "RemoteError",
     "SplitNetError",
     "decode",
@@ -31,5 +36,6 @@ __all__ = [
     "fingerprint",
     "load_model",
     "parse_codec",
+    "remote_error",
     "trace",
 ]

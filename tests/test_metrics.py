@@ -25,9 +25,13 @@ TOKEN = "metrics-test-token-0123456789"
 
 
 def scrape(server: ServerThread) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    assert server.server is not None and server.server.service.metrics is not None
-    port = server.server.service.metrics.port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert server.server is not None and server.server.scrape is not None
+    port = server.server.scrape.port
+    # The gRPC port asks for a token, so the metrics do too.
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    text = urllib.request.urlopen(request, timeout=5).read().decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)

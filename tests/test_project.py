@@ -28,12 +28,14 @@ def test_public_api_is_pinned() -> None:
         [
             "CodecError",
             "CodecSpec",
+            "ConfigError",
             "Cut",
             "DecodeLimits",
             "FrontierTensor",
             "ModelError",
             "ModelMismatchError",
             "PartitionError",
+            "ProtocolError",
             "RemoteError",
             "SplitGraph",
             "SplitNetError",
@@ -42,6 +44,7 @@ def test_public_api_is_pinned() -> None:
             "fingerprint",
             "load_model",
             "parse_codec",
+            "remote_error",
             "trace",
         ]
     )
@@ -65,6 +68,27 @@ def test_layering() -> None:
     assert not _imports("splitnet") & {"edge", "cloud", "benchmarks"}
     assert "cloud" not in _imports("edge")
     assert "edge" not in _imports("cloud")
+
+
+def _module_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_no_library_module_imports_a_cli_module() -> None:
+    for package in ("splitnet", "edge", "cloud"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name == "cli.py" or path.name.endswith("_cli.py"):
+                continue
+            clis = {m for m in _module_imports(path) if m.split(".")[-1] in ("cli",)}
+            clis |= {m for m in _module_imports(path) if m.endswith("_cli")}
+            assert not clis, f"{path.relative_to(ROOT)} imports {sorted(clis)}"
 
 
 def test_no_pickle_on_the_wire() -> None:

@@ -143,3 +143,15 @@ def make(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 ZOO = ["chain", "residual", "inception", "tuple", "shared", "two_inputs", "needs_export"]
+
+
+class Overflowing(nn.Module):
+    """Outputs that hold +inf in their last column: int8 cannot carry them, raw can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x)
+        return torch.cat([out, torch.full_like(out[:, :1], float("inf"))], dim=1)

@@ -1,0 +1,315 @@
+"""Limits that hold per request and in aggregate, and gRPC's own limits set on purpose.
+
+Real servers on 127.0.0.1:0 (in-process where a figure is not needed, a real
+``splitnet-cloud`` subprocess where the question is what a user gets).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloud.admission import Admission
+from cloud.auth import load_tokens
+from cloud.config import ModelEntry, ServerConfig
+from cloud.job import RequestError
+from cloud.runtime import TailRuntime
+from cloud.server import BackgroundServer
+from splitnet import encode
+from splitnet.data import load_digits
+from splitnet.errors import ConfigError
+from splitnet.v1 import inference_pb2 as pb
+from splitnet.wire import RawChunk, serialize_stream_message, stream_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "a-long-enough-test-token-0123456789"
+
+
+# ------------------------------------------------------------------ admission
+def test_fair_shares_once_the_server_is_half_full() -> None:
+    a = Admission(max_in_flight=8, max_pending_bytes=1 << 20)
+    for _ in range(4):  # under half full: one client may take what is free
+        a.acquire("greedy")
+    a.acquire("other")  # a second client is always let in
+    # Half full and more: "greedy" holds 4 >= 8 // 2 clients, so it waits its turn...
+    with pytest.raises(RequestError) as err:
+        a.acquire("greedy")
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "fair share" in err.value.message
+    # ...while the other client still gets in, up to its own share.
+    a.acquire("other")
+    a.acquire("other")
+    a.release("greedy")
+    assert a.in_flight == 6 and a.per_client == {"greedy": 3, "other": 3}
+    for _ in range(3):
+        a.release("greedy")
+    assert "greedy" not in a.per_client  # no entry kept for clients that left
+
+
+def test_pending_budget_is_shared_and_given_back() -> None:
+    a = Admission(max_in_flight=8, max_pending_bytes=100)
+    a.reserve(60)
+    with pytest.raises(RequestError) as err:
+        a.reserve(41)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-pending-mb" in err.value.message
+    a.unreserve(60)
+    a.reserve(100)
+
+
+# --------------------------------------------------------------- the stream
+def _stream(address: str, messages: Iterator[pb.StreamRequest | RawChunk]) -> grpc.Future:
+    channel = grpc.insecure_channel(address)
+    call = channel.stream_stream(
+        "/splitnet.v1.SplitInference/InferStream",
+        request_serializer=serialize_stream_message,
+        response_deserializer=stream_parser(pb.StreamResponse),
+    )
+    return call(messages, timeout=60)
+
+
+def _chunked(rid: int, fp: str, announce: int, cut: str = "input") -> pb.StreamRequest:
+    x = load_digits()["test"].x[:1]
+    req = pb.InferRequest(id=rid, model="digits-cnn", cut=cut, fingerprint=fp)
+    req.frontier.append(encode(x))
+    req.frontier[0].payload = b""
+    req.chunked_payload_bytes.append(announce)
+    return pb.StreamRequest(request=req)
+
+
+def _server(runtime: TailRuntime, **limits: object) -> BackgroundServer:
+    config = ServerConfig(models=(ModelEntry(name="digits-cnn"),), port=0, **limits)  # type: ignore[arg-type]
+    return BackgroundServer(config, runtime)
+
+
+def test_an_announcement_larger_than_the_cut_can_need_is_refused_at_once(
+    digits_server: BackgroundServer, digits_runtime: TailRuntime
+) -> None:
+    fp = digits_runtime.models["digits-cnn"].fingerprint
+    # The input cut of a 1x1x8x8 float32 batch needs 256 bytes; 255 MiB is announced.
+    answers = list(_stream(digits_server.address, iter([_chunked(1, fp, 255 << 20)])))
+    assert answers[0].response.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "never needs more than" in answers[0].response.error.message
+
+
+def _held_open(message: pb.StreamRequest, release: threading.Event) -> Iterator[pb.StreamRequest]:
+    """Send ``message``, then keep the stream open until ``release``."""
+    yield message
+    release.wait(120)
+
+
+def test_the_pending_budget_holds_across_streams_and_comes_back(
+    digits_runtime: TailRuntime,
+) -> None:
+    """Budget 1000 bytes: three 256-byte chunked requests whose chunks never come fit; a
+    fourth, on another stream, is refused; when the streams go, so do their bytes.
+    """
+    server = _server(digits_runtime, max_pending_bytes=1000, chunk_idle_s=600)
+    fp = digits_runtime.models["digits-cnn"].fingerprint
+    release = threading.Event()
+    try:
+        calls = [
+            _stream(server.address, _held_open(_chunked(i + 1, fp, 256), release))
+            for i in range(3)
+        ]
+        assert server.server is not None
+        admission = server.server.service.admission
+        _until(lambda: admission.pending_bytes == 768)
+        answers = list(_stream(server.address, iter([_chunked(9, fp, 256)])))
+        assert answers[0].response.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "budget" in answers[0].response.error.message
+        for call in calls:
+            call.cancel()  # the client goes away mid-transfer
+        _until(lambda: admission.pending_bytes == 0 and admission.in_flight == 0)
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_a_request_whose_chunks_stop_fails_and_releases_its_bytes(
+    digits_runtime: TailRuntime,
+) -> None:
+    server = _server(digits_runtime, chunk_idle_s=0.3)
+    fp = digits_runtime.models["digits-cnn"].fingerprint
+    release = threading.Event()
+    try:
+        call = _stream(server.address, _held_open(_chunked(1, fp, 256), release))
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "stopped arriving for 0.3 s" in (err.value.details() or "")
+        assert server.server is not None
+        admission = server.server.service.admission
+        _until(lambda: admission.pending_bytes == 0 and admission.in_flight == 0)
+    finally:
+        release.set()
+        server.stop()
+
+
+def _until(condition, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    """Wait for a state the server reaches on its own (bounded, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the server never reached the expected state"
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------- probes, metrics
+def test_health_is_open_but_bounded(digits_runtime: TailRuntime) -> None:
+    config = ServerConfig(
+        models=(ModelEntry(name="digits-cnn"),),
+        port=0,
+        tokens=frozenset({TOKEN}),
+        max_health_watches=2,
+    )
+    server = BackgroundServer(config, digits_runtime)
+    channel = grpc.insecure_channel(server.address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        ok = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING  # no token needed
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="x" * 1_000_000), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(err.value.details() or "") < 200  # the name is not quoted back
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)]
+        watches.append(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30))
+        for w in watches:
+            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        third = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            next(third)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for w in watches:
+            w.cancel()
+    finally:
+        channel.close()
+        server.stop()
+
+
+def test_metrics_ask_for_the_token_and_an_idle_connection_blocks_nothing(
+    digits_runtime: TailRuntime,
+) -> None:
+    config = ServerConfig(
+        models=(ModelEntry(name="digits-cnn"),), port=0, metrics_port=0, tokens=frozenset({TOKEN})
+    )
+    server = BackgroundServer(config, digits_runtime)
+    assert server.server is not None and server.server.scrape is not None
+    url = f"http://127.0.0.1:{server.server.scrape.port}/metrics"
+    idle = socket.create_connection(("127.0.0.1", server.server.scrape.port))  # says nothing
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=10)
+        assert err.value.code == 401
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        body = urllib.request.urlopen(request, timeout=10).read().decode()
+        assert "splitnet_inference_pending_request_count" in body
+    finally:
+        idle.close()
+        server.stop()
+
+
+# ------------------------------------------------------------------- the CLI
+def _cloud(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cloud.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_a_port_in_use_is_an_error_not_a_shared_port(digits_weights: Path) -> None:
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cloud.cli", "--model", f"digits-cnn={digits_weights}",
+         "--port", "0", "--profile-runs", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert first.stdout is not None
+        line = first.stdout.readline()
+        port = line.split("listening on ")[1].split()[0].rsplit(":", 1)[1]
+        second = _cloud("--model", f"digits-cnn={digits_weights}", "--port", port,
+                        "--profile-runs", "0")  # fmt: skip
+        assert second.returncode == 2
+        (message,) = second.stderr.strip().splitlines()
+        assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in message
+    finally:
+        first.terminate()
+        first.wait(30)
+
+
+def test_an_empty_token_file_refuses_to_start(tmp_path: Path) -> None:
+    empty = tmp_path / "tokens"
+    empty.write_text("\n   # retired 2024-05, do not use: device-17\n\n")
+    out = _cloud("--model", "digits-cnn", "--port", "0", "--token-file", str(empty))
+    assert out.returncode == 2
+    (message,) = out.stderr.strip().splitlines()
+    assert "holds no token" in message and "Traceback" not in out.stderr
+
+
+def test_an_indented_comment_is_not_a_token(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"    # retired 2024-05, do not use: device-17\n{TOKEN}\n")
+    assert load_tokens(path, env=False) == frozenset({TOKEN})
+    path.write_text("\t# only a comment\n")
+    with pytest.raises(ConfigError):
+        load_tokens(path, env=False)
+
+
+def test_a_certificate_and_a_key_that_do_not_match_are_named(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from splitnet.certs import make_certs
+
+    one = make_certs(tmp_path / "one")
+    two = make_certs(tmp_path / "two")
+    out = _cloud("--model", "digits-cnn", "--port", "0", "--tls-cert", str(one.server_cert),
+                 "--tls-key", str(two.server_key))  # fmt: skip
+    assert out.returncode == 2
+    (message,) = [m for m in out.stderr.strip().splitlines() if "warning" not in m]
+    assert "do not make a pair" in message and "bind" not in message
+
+
+def test_metrics_over_tls_need_a_client_certificate_under_mtls(
+    digits_runtime: TailRuntime, tmp_path: Path
+) -> None:
+    pytest.importorskip("cryptography")
+    from splitnet.certs import make_certs
+
+    certs = make_certs(tmp_path)
+    config = ServerConfig(
+        models=(ModelEntry(name="digits-cnn"),),
+        port=0,
+        metrics_port=0,
+        tls_cert=str(certs.server_cert),
+        tls_key=str(certs.server_key),
+        tls_client_ca=str(certs.ca),
+    )
+    server = BackgroundServer(config, digits_runtime)
+    assert server.server is not None and server.server.scrape is not None
+    url = f"https://localhost:{server.server.scrape.port}/metrics"
+    try:
+        anonymous = ssl.create_default_context(cafile=str(certs.ca))
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            urllib.request.urlopen(url, timeout=10, context=anonymous).read()
+        with_cert = ssl.create_default_context(cafile=str(certs.ca))
+        with_cert.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+        body = urllib.request.urlopen(url, timeout=10, context=with_cert).read().decode()
+        assert "splitnet_inference_request_success_total" in body or "process_" in body
+    finally:
+        server.stop()
