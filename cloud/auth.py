@@ -110,4 +110,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         if self._on_refuse is not None:
             self._on_refuse(method)
-        return self._stream_deny if method.endswith("Stream") else self._unary_deny
+        # A streaming handler for every refused call, unary ones too (the wire is the
+        # same): it aborts before reading a message, where a unary handler would make
+        # gRPC receive and buffer the whole request first.
+        return self._stream_deny

@@ -104,9 +104,10 @@ class Reassembler:
     """Collects chunk bytes for each tensor, checking sizes as they arrive.
 
     The declared sizes are checked against ``max_total`` before anything is kept; memory
-    grows only with bytes that really arrived, and each payload is joined once at the
-    end into a writable buffer that decoding can use without another copy. With
-    ``keep=False`` the bytes are counted and dropped (a refused request's chunks).
+    grows only with bytes that really arrived: each chunk is copied once into its
+    payload's writable buffer (which decoding then uses without another copy), so a
+    stream of tiny chunks costs its bytes, not an object per chunk. With ``keep=False``
+    the bytes are counted and dropped.
     """
 
     def __init__(
@@ -123,7 +124,7 @@ class Reassembler:
         self.total = total
         self.keep = keep
         self.received = 0
-        self._parts: list[list[memoryview]] = [[] for _ in self.sizes]
+        self._parts = [bytearray() for _ in self.sizes]
         self._have = [0] * len(self.sizes)
         self._index = 0
         self._skip_full()
@@ -147,7 +148,7 @@ class Reassembler:
             i = self._index
             take = min(self.sizes[i] - self._have[i], len(view))
             if self.keep:
-                self._parts[i].append(view[:take])
+                self._parts[i] += view[:take]
             self._have[i] += take
             view = view[take:]
             self._skip_full()
@@ -156,8 +157,7 @@ class Reassembler:
         """The collected payloads, in tensor order (call when ``done``)."""
         if not self.done:
             raise ProtocolError("stream ended before all chunks arrived")
-        out = [bytearray().join(parts) for parts in self._parts]
-        self._parts = [[] for _ in self.sizes]
+        out, self._parts = self._parts, []
         return out
 
 

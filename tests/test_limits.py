@@ -313,3 +313,59 @@ def test_metrics_over_tls_need_a_client_certificate_under_mtls(
         assert "splitnet_inference_request_success_total" in body or "process_" in body
     finally:
         server.stop()
+
+
+def _rss_mib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) // 1024
+
+
+def test_unauthenticated_calls_are_refused_before_their_body_is_read(
+    digits_weights: Path, tmp_path: Path
+) -> None:
+    """12 concurrent 50 MiB Infer calls without a token: refused, and the server never
+    buffers them (before the fix: +1.1 GB; a streaming refusal reads no message).
+    """
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.cli", "--model", f"digits-cnn={digits_weights}",
+         "--port", "0", "--profile-runs", "0", "--token-file", str(tokens)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().split("listening on ")[1].split()[0]
+        base = _rss_mib(proc.pid)
+        request = pb.InferRequest(model="digits-cnn", cut="input")
+        request.frontier.add().payload = b"\0" * (50 << 20)
+        data = request.SerializeToString()
+        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+        infer = channel.unary_unary("/splitnet.v1.SplitInference/Infer")
+        codes: list[grpc.StatusCode] = []
+
+        def call() -> None:
+            try:
+                infer(data, timeout=60)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+
+        threads = [threading.Thread(target=call) for _ in range(12)]
+        for t in threads:
+            t.start()
+        peak = base
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, _rss_mib(proc.pid))
+            time.sleep(0.01)
+        assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 12
+        assert peak - base < 200, f"resident memory {base} -> {peak} MiB"
+        # A legitimate client is served meanwhile and after.
+        from edge.client import EdgeClient
+
+        x = load_digits()["test"].x[:1]
+        with EdgeClient(address, "digits-cnn", weights=digits_weights, token=TOKEN) as client:
+            assert client.infer(x).output.shape == (1, 10)
+        channel.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
