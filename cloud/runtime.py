@@ -27,7 +27,7 @@ from splitnet.codecs import CodecSpec, DecodeLimits, decode, encode_parts, parse
 from splitnet.errors import CodecError, SplitNetError
 from splitnet.models import fingerprint, load_model, resolve
 from splitnet.partition import Cut, SplitGraph, trace
-from splitnet.profiling import profile_cuts
+from splitnet.profiling import describe, profile_cuts
 from splitnet.report import sample_input
 from splitnet.v1 import inference_pb2 as pb
 
@@ -48,6 +48,7 @@ class ServedModel:
     input_shape: tuple[int, ...]
     outputs: list[tuple[tuple[int, ...], torch.dtype]]
     tail_ms: dict[str, float] = field(default_factory=dict)
+    profile_note: str = "not profiled"  # how tail_ms was obtained
     _tails: dict[str, fx.GraphModule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -82,7 +83,7 @@ class TailRuntime:
         device: str = "cpu",
         max_decoded_bytes: int = 256 << 20,
         max_batch_size: int = 8,
-        profile_runs: int = 3,
+        profile_runs: int = 7,
         profile: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         """``profile`` (model -> cut -> tail ms) replaces start-up profiling where given."""
@@ -98,6 +99,7 @@ class TailRuntime:
             self.models[entry.name] = self._load(entry, 0 if given else profile_runs)
             if given:
                 self.models[entry.name].tail_ms = dict(given)
+                self.models[entry.name].profile_note = "given to the server (not measured)"
 
     def _load(self, entry: ModelEntry, profile_runs: int) -> ServedModel:
         spec = resolve(entry.name, entry.input_shape)
@@ -120,6 +122,7 @@ class TailRuntime:
             served.tail_ms = {
                 p.cut: p.tail_ms for p in profile_cuts(graph, (xd,), runs=profile_runs)
             }
+            served.profile_note = f"{describe(profile_runs, 2)}, on {self.device}"
         return served
 
     # ----------------------------------------------------------------- info
@@ -132,7 +135,10 @@ class TailRuntime:
             if name and served.name != name:
                 continue
             info = resp.models.add(
-                name=served.name, fingerprint=served.fingerprint, input_shape=served.input_shape
+                name=served.name,
+                fingerprint=served.fingerprint,
+                input_shape=served.input_shape,
+                tail_latency_method=served.profile_note,
             )
             for cut in served.graph.cuts:
                 c = info.cuts.add(

@@ -1,7 +1,9 @@
 """Profiling: how long the head and the tail take at every cut.
 
-``profile_cuts`` runs the real head and tail modules of every cut (median of ``runs``
-after a warm-up), so module-call overheads count as they will when serving.
+``profile_cuts`` runs the real head and tail modules of every cut (warm-up runs first,
+then a low quantile of ``runs`` timings, so a noisy neighbour or a page fault adds to
+few samples and moves the figure little), so module-call overheads count as they will
+when serving.
 ``estimate_cuts`` is the quick alternative: it times each node once while the whole
 graph runs in an interpreter and sums them (one pass for all cuts, but the
 interpreter's per-node cost inflates small models).
@@ -19,7 +21,7 @@ import torch.fx as fx
 
 from splitnet.partition import SplitGraph
 
-__all__ = ["CutProfile", "estimate_cuts", "profile_cuts"]
+__all__ = ["QUANTILE", "CutProfile", "describe", "estimate_cuts", "low_quantile", "profile_cuts"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,16 @@ class _Timer(fx.Interpreter):
         return value
 
 
-def _median_ms(fn: Any, runs: int, sync: bool) -> float:
+QUANTILE = 0.25  # noise on a shared machine only adds time: a low quantile resists it
+
+
+def low_quantile(times: list[float], q: float = QUANTILE) -> float:
+    """The ``q`` quantile of ``times`` (nearest rank): the median for q=0.5."""
+    s = sorted(times)
+    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+
+def _quantile_ms(fn: Any, runs: int, sync: bool, q: float) -> float:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -54,15 +65,28 @@ def _median_ms(fn: Any, runs: int, sync: bool) -> float:
         if sync:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return low_quantile(times, q)
+
+
+def describe(runs: int, warmup: int, q: float = QUANTILE) -> str:
+    """How ``profile_cuts`` measured, in words (published beside the figures)."""
+    return (
+        f"{q:.0%} quantile of {runs} timed runs per cut after {warmup} warm-up runs, "
+        "real head and tail modules, batch of the example input"
+    )
 
 
 @torch.no_grad()
 def profile_cuts(
-    graph: SplitGraph, inputs: tuple[torch.Tensor, ...], *, runs: int = 5, warmup: int = 1
+    graph: SplitGraph,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    runs: int = 7,
+    warmup: int = 2,
+    q: float = QUANTILE,
 ) -> list[CutProfile]:
     """Per-cut head and tail latency (ms) of ``graph`` on ``inputs``, measured on the
-    real halves (batch and shape as in ``inputs``).
+    real halves (batch and shape as in ``inputs``): the ``q`` quantile of ``runs``.
     """
     sync = any(t.is_cuda for t in inputs)
     out = []
@@ -72,9 +96,10 @@ def profile_cuts(
             head, tail = head.to(inputs[0].device), tail.to(inputs[0].device)
         frontier = head(*inputs)
         for _ in range(warmup):
+            head(*inputs)
             tail(*frontier)
-        head_ms = _median_ms(lambda h=head: h(*inputs), max(1, runs), sync)
-        tail_ms = _median_ms(lambda t=tail, f=frontier: t(*f), max(1, runs), sync)
+        head_ms = _quantile_ms(lambda h=head: h(*inputs), max(1, runs), sync, q)
+        tail_ms = _quantile_ms(lambda t=tail, f=frontier: t(*f), max(1, runs), sync, q)
         out.append(CutProfile(cut.name, head_ms, tail_ms))
     return out
 

@@ -250,13 +250,16 @@ def test_stream_errors_are_in_band(
             stub.InferStream(iter([pb.StreamRequest(chunk=pb.Chunk(id=9, data=b"x"))]), timeout=10)
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # A request declaring huge chunked payloads is refused before anything is allocated.
+    # A request declaring huge chunked payloads is refused in-band before anything is
+    # allocated, and the stream goes on.
     big = _good_request(fp, x)
     big.frontier[0].payload = b""
     big.chunked_payload_bytes.append(1 << 40)
-    with pytest.raises(grpc.RpcError) as err:
-        list(stub.InferStream(iter([pb.StreamRequest(request=big)]), timeout=10))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = _good_request(fp, x)
+    after.id = 2
+    out = list(stub.InferStream(iter([pb.StreamRequest(request=r) for r in (big, after)]), timeout=10))
+    assert out[0].response.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert out[1].response.outputs
     assert stub.Infer(_good_request(fp, x), timeout=10).outputs
 
 

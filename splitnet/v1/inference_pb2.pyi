@@ -40,18 +40,20 @@ class CutInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., frontier: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., float32_bytes: _Optional[int] = ..., head_params: _Optional[int] = ..., tail_params: _Optional[int] = ..., tail_latency_ms: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "input_shape", "cuts", "outputs")
+    __slots__ = ("name", "fingerprint", "input_shape", "cuts", "outputs", "tail_latency_method")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     CUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LATENCY_METHOD_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     cuts: _containers.RepeatedCompositeFieldContainer[CutInfo]
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    tail_latency_method: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., tail_latency_method: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_decoded_bytes", "max_batch_size", "chunk_bytes", "max_in_flight")
