@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitnet import CodecError, encode
+from splitnet import encode
+from splitnet.errors import ProtocolError
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.wire import (
     RawChunk,
@@ -65,14 +66,14 @@ def test_other_messages_go_through_protobuf() -> None:
 
 
 def test_hostile_sizes_and_overruns() -> None:
-    with pytest.raises(CodecError, match="exceed the limit"):
+    with pytest.raises(ProtocolError, match="exceed the limit"):
         Reassembler([1 << 40], 1, 1 << 30)
-    with pytest.raises(CodecError, match="sizes for"):
+    with pytest.raises(ProtocolError, match="sizes for"):
         Reassembler([1, 2], 1, 100)
     r = Reassembler([3], 1, 100)
-    with pytest.raises(CodecError, match="more bytes"):
+    with pytest.raises(ProtocolError, match="more bytes"):
         r.add(b"abcd")
     r = Reassembler([3], 1, 100)
     r.add(b"ab")
-    with pytest.raises(CodecError, match="before all chunks"):
+    with pytest.raises(ProtocolError, match="before all chunks"):
         r.payloads()

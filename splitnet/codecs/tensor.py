@@ -1,0 +1,167 @@
+"""``encode`` and ``decode``: a torch tensor to the wire ``Tensor`` message and back."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitnet.codecs.base import Buffer, EntropyStep, PrecisionStep
+from splitnet.codecs.dtypes import NUMPY_HOLDER, TORCH_TO_WIRE, WIRE_TO_TORCH, as_numpy
+from splitnet.codecs.raw import Raw
+from splitnet.codecs.registry import WIRE_ENTROPY, WIRE_PRECISION, CodecSpec, parse_codec
+from splitnet.errors import CodecError, ConfigError
+from splitnet.v1 import tensor_pb2 as pb
+
+__all__ = ["DEFAULT_LIMITS", "DecodeLimits", "decode", "encode", "encode_parts"]
+
+if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
+    raise ImportError("splitnet's wire format is little-endian; this host is big-endian")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeLimits:
+    """What ``decode`` accepts from the network."""
+
+    max_rank: int = 8  # most dimensions a tensor may have
+    max_dim: int = 1 << 31  # largest single dimension
+    max_raw_bytes: int = 1 << 30  # largest decoded tensor, in bytes
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 0 or self.max_dim < 0 or self.max_raw_bytes < 0:
+            raise ConfigError("decode limits must be non-negative")
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def encode(tensor: torch.Tensor, codec: str | CodecSpec = "raw") -> pb.Tensor:
+    """Encode ``tensor`` as a self-describing wire ``Tensor`` message.
+
+    Raises ``CodecError`` for an unsupported dtype or layout, and where the lossy
+    codec cannot represent the values (see ``splitnet.codecs``).
+    """
+    msg, payload = encode_parts(tensor, codec)
+    msg.payload = payload if isinstance(payload, bytes) else payload.tobytes()
+    return msg
+
+
+def encode_parts(
+    tensor: torch.Tensor, codec: str | CodecSpec = "raw"
+) -> tuple[pb.Tensor, bytes | memoryview]:
+    """Like ``encode``, but the payload comes back beside the message (left empty).
+
+    Without a precision or zstd step the payload is a read-only view of the tensor's
+    own memory, not a copy: a sender that streams it in chunks copies each byte once.
+    Do not change the tensor until the payload has been sent.
+    """
+    spec = parse_codec(codec)
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        raise CodecError(f"only dense torch tensors can go on the wire, not {type(tensor)}")
+    wire = TORCH_TO_WIRE.get(tensor.dtype)
+    if wire is None:
+        raise CodecError(
+            f"dtype {tensor.dtype} cannot go on the wire; supported: "
+            + ", ".join(str(d) for d in TORCH_TO_WIRE)
+        )
+    t = tensor.detach()
+    if not t.is_cpu:
+        t = t.cpu()
+    t = t.contiguous()
+    msg = pb.Tensor(dtype=wire, raw_nbytes=t.numel() * t.element_size(), shape=t.shape)
+    step = spec.precision_step
+    if step.applies(t.dtype, t.shape):
+        data = step.encode(t, msg.steps.add())
+    else:
+        data = as_numpy(t)
+    flat = data.reshape(-1).view(np.uint8).data  # a memoryview of the bytes, no copy
+    entropy = spec.entropy_step
+    if entropy is not None:
+        return msg, entropy.encode(flat, msg.steps.add())
+    return msg, flat.toreadonly()
+
+
+def _shape_text(shape: Sequence[int], limit: int = 8) -> str:
+    """A shape for an error message, at most ``limit`` dimensions of it."""
+    if len(shape) <= limit:
+        return str(list(shape))
+    return f"[{', '.join(str(d) for d in shape[:limit])}, ...] (rank {len(shape)})"
+
+
+def decode(
+    msg: pb.Tensor,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    payload: bytes | bytearray | memoryview | None = None,
+) -> torch.Tensor:
+    """Decode a wire ``Tensor``; validate everything before allocating.
+
+    ``payload`` replaces ``msg.payload`` (for payloads that arrived in chunks). A
+    ``bytearray`` (or writable memoryview) is handed over: a lossless result may use
+    its memory without a copy; a ``bytes`` payload is copied at most once. The result
+    is writable and never aliases ``msg``.
+    """
+    rank = len(msg.shape)  # O(1): before any dimension is read
+    if rank > limits.max_rank:
+        raise CodecError(f"rank {rank} exceeds the limit of {limits.max_rank}")
+    dtype = WIRE_TO_TORCH.get(msg.dtype)
+    if dtype is None:
+        raise CodecError(f"unknown or unsupported dtype value {int(msg.dtype)} in wire tensor")
+    shape = tuple(msg.shape)
+    if shape and (min(shape) < 0 or max(shape) > limits.max_dim):
+        bad = next(d for d in shape if d < 0 or d > limits.max_dim)
+        raise CodecError(
+            f"dimension {bad} in shape {_shape_text(shape)} is negative or too large (the "
+            f"limit is {limits.max_dim})"
+        )
+    numel = math.prod(shape)
+    itemsize = NUMPY_HOLDER[dtype].itemsize
+    raw = numel * itemsize
+    if raw != msg.raw_nbytes:
+        raise CodecError(
+            f"declared raw size {msg.raw_nbytes} != prod(shape) x itemsize = {numel} x {itemsize}"
+        )
+    if raw > limits.max_raw_bytes:
+        raise CodecError(f"tensor of {raw} bytes exceeds the limit of {limits.max_raw_bytes} bytes")
+
+    precision, first, entropy, last = _chain(msg.steps)
+    decoding = precision.validate(first, dtype, shape, numel)
+    buf: Buffer = msg.payload if payload is None else payload
+    if entropy is not None:
+        buf = entropy.decode(last, buf, decoding.stage_nbytes)
+    elif len(buf) != decoding.stage_nbytes:
+        raise CodecError(
+            f"payload holds {len(buf)} bytes; the header implies {decoding.stage_nbytes}"
+        )
+    return decoding.finish(buf)
+
+
+_NO_STEP = pb.Step()
+_CHAIN_HELP = (
+    f"expected at most one {', '.join(WIRE_PRECISION)} step, then at most one "
+    f"{' or '.join(WIRE_ENTROPY)} step"
+)
+
+
+def _chain(
+    steps: Sequence[pb.Step],
+) -> tuple[type[PrecisionStep], pb.Step, type[EntropyStep] | None, pb.Step]:
+    """``(precision class, its step, entropy class or None, its step)`` of a step list."""
+    n = len(steps)  # O(1): before any step is looked at
+    if n > 2:
+        raise CodecError(f"{n} steps; a wire tensor has at most two")
+    if n == 0:
+        return Raw, _NO_STEP, None, _NO_STEP
+    kinds = [s.WhichOneof("kind") for s in steps]
+    entropy = WIRE_ENTROPY.get(kinds[-1] or "")
+    precision_kinds = kinds[:-1] if entropy else kinds
+    if not precision_kinds:
+        return Raw, _NO_STEP, entropy, steps[-1]
+    precision = WIRE_PRECISION.get(precision_kinds[0] or "")
+    if len(precision_kinds) == 1 and precision is not None:
+        return precision, steps[0], entropy, steps[-1]
+    raise CodecError(f"unsupported step chain {kinds}; {_CHAIN_HELP}")
