@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from splitnet.codecs.base import Buffer, Decoding, Param, PrecisionStep, Shape
-from splitnet.codecs.cast import value_range
 from splitnet.codecs.dtypes import F32_MAX, F32_TINY, FINITE_MAX, FLOATS, FP16_MAX, WIDE, wide_numpy
 from splitnet.codecs.quantize import not_finite, too_wide
 from splitnet.errors import CodecError
@@ -61,28 +60,38 @@ class OutlierInt8(PrecisionStep):
         return dtype.is_floating_point and len(shape) >= 1 and 0 not in shape
 
     def plan(self, t: torch.Tensor, step: pb.Step) -> Any:
-        """Choose the outlier channels and each row's scale; zero those channels."""
-        x = t if t.dtype in WIDE else t.float()
+        """Choose the outlier channels and each row's scale; zero those channels.
+
+        numpy throughout: these tensors are often one token (a few hundred values),
+        where torch's per-op overhead would dominate, and numpy needs no thread pool.
+        """
+        x = (t if t.dtype in WIDE else t.float()).numpy()
         h = x.shape[-1]
         rows = x.reshape(-1, h)
-        lo, hi = value_range(rows)
-        if not (math.isfinite(lo) and math.isfinite(hi)):
+        col_hi = rows.max(axis=0)
+        col_lo = rows.min(axis=0)  # NaN propagates into both
+        if not (math.isfinite(float(col_hi.max())) and math.isfinite(float(col_lo.min()))):
             raise not_finite(self.name)
+        col = np.maximum(col_hi, -col_lo)
         k = min(self.k, h)
-        col = torch.maximum(rows.amax(dim=0), rows.amin(dim=0).neg_()).numpy()
-        # Stable order: ties go to the lower channel, the same choice on every run.
-        channels = np.sort(np.argsort(-col, kind="stable")[:k])
-        index = torch.from_numpy(channels)
-        outliers = rows.index_select(1, index)
-        big = max(-float(outliers.min()), float(outliers.max()))
+        # introselect: deterministic, the same choice on every run for the same values
+        top = np.argpartition(col, h - k)[h - k :] if k < h else np.arange(h)
+        channels = np.sort(top)
+        outliers = rows[:, channels]
+        big = float(col[channels].max())
+        if big > F32_MAX:
+            raise CodecError(
+                f"{self.name} cannot carry {big:.6g} (outliers travel as float32 at most); "
+                "use raw or zstd"
+            )
         wire = pb.DTYPE_FLOAT16 if big <= FP16_MAX else pb.DTYPE_FLOAT32
-        work = rows.clone()
-        work.index_fill_(1, index, 0.0)
-        rest = torch.maximum(work.amax(dim=1), work.amin(dim=1).neg_()).numpy()
-        wide_scale = rest.astype(np.float64) / 127.0
-        if wide_scale.size and wide_scale.max() > F32_MAX:
+        work = rows.copy()
+        work[:, channels] = 0.0
+        rest = np.maximum(work.max(axis=1), -work.min(axis=1)).astype(np.float64)
+        rest /= 127.0
+        if rest.size and rest.max() > F32_MAX:
             raise too_wide(self.name)
-        scale = wide_scale.astype(np.float32)  # the float32s that travel
+        scale = rest.astype(np.float32)  # the float32s that travel
         np.maximum(scale, np.float32(F32_TINY), out=scale)
         o = step.outlier_int8
         o.channels.extend(channels.tolist())
@@ -97,11 +106,12 @@ class OutlierInt8(PrecisionStep):
         o_end = 4 * r + r * k * outlier_dtype.itemsize
         buf = np.empty(o_end + r * h, dtype=np.uint8)
         buf[: 4 * r].view(np.float32)[:] = scale
-        buf[4 * r : o_end].view(outlier_dtype).reshape(r, k)[:] = outliers.numpy()
-        divisor = torch.from_numpy(scale.astype(wide_numpy(work.dtype))).unsqueeze(1)
-        work.div_(divisor).round_().clamp_(-127, 127)
+        buf[4 * r : o_end].view(outlier_dtype).reshape(r, k)[:] = outliers
+        np.divide(work, scale.astype(work.dtype, copy=False).reshape(r, 1), out=work)
+        np.rint(work, out=work)
+        np.clip(work, -127, 127, out=work)
         # The codes land in the buffer directly (exact: the values are whole numbers).
-        torch.from_numpy(buf[o_end:]).view(torch.int8).view(r, h).copy_(work)
+        np.copyto(buf[o_end:].view(np.int8).reshape(r, h), work, casting="unsafe")
         return buf
 
     def extremes(self, dtype: torch.dtype, shape: Shape) -> tuple[pb.Step, pb.Step]:
@@ -143,7 +153,8 @@ class OutlierInt8(PrecisionStep):
             scale = np.frombuffer(buf, dtype="<f4", count=r)
             outliers = np.frombuffer(buf, dtype=outlier_dtype, count=r * k, offset=4 * r)
             codes = np.frombuffer(buf, dtype=np.int8, count=r * h, offset=o_end)
-            if r and not (scale.min() > 0.0 and scale.max() < math.inf):  # NaN fails both
+            largest = float(scale.max()) if r else 0.0
+            if r and not (scale.min() > 0.0 and largest < math.inf):  # NaN fails both
                 raise CodecError("outlier_int8 row scales must be finite and positive")
             if not np.isfinite(outliers).all():
                 raise CodecError("outlier_int8 outlier values must be finite")
@@ -151,8 +162,7 @@ class OutlierInt8(PrecisionStep):
             with np.errstate(over="ignore"):
                 np.multiply(out, scale.astype(wide, copy=False).reshape(r, 1), out=out)
             out[:, channels] = outliers.reshape(r, k)
-            big = float(scale.max()) * 128.0 if r else 0.0
-            if big > limit or (check_outliers and r and float(np.abs(outliers).max()) > limit):
+            if largest * 128.0 > limit or (check_outliers and r and float(np.abs(outliers).max()) > limit):
                 np.clip(out, -limit, limit, out=out)
             result = torch.from_numpy(out).reshape(shape)
             return result if dtype in WIDE else result.to(dtype)

@@ -62,8 +62,9 @@ PRECISIONS: Final[tuple[str, ...]] = tuple(_BY_NAME)  # CodecSpec.precision valu
 MAX_SPEC_CHARS: Final = 64  # longer specs are refused before any parsing
 _CACHE_MAX = 1024
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would also take other scripts' digits
-# Canonical spec text -> its CodecSpec. Keys are only ever canonical forms (str(spec)),
-# never a client's raw text, so the set of keys is small and fixed.
+# Spec text -> its CodecSpec, for two texts per spec only: the canonical one
+# (str(spec), "int8o:4+zstd:3") and its shorthand (spec.short, "int8o+zstd"). Both are
+# functions of the parsed spec, never a client's raw text, so the keys are few and short.
 _CANONICAL: dict[str, CodecSpec] = {}
 
 
@@ -145,14 +146,23 @@ class CodecSpec:
         """
         return _BY_NAME[self.precision].llm_safe
 
-    def __str__(self) -> str:
+    def _text(self, short: bool) -> str:
         cls = _BY_NAME[self.precision]
         parts = [] if cls is Raw else [cls.name]
-        if self.precision_param is not None:
+        if cls.param and not (short and self.precision_param == cls.param.default):
             parts[0] += f":{self.precision_param}"
         if self.zstd_level is not None:
-            parts.append(f"{Zstd.name}:{self.zstd_level}")
+            default = short and Zstd.param and self.zstd_level == Zstd.param.default
+            parts.append(Zstd.name if default else f"{Zstd.name}:{self.zstd_level}")
         return "+".join(parts) or Raw.name
+
+    def __str__(self) -> str:
+        return self._text(short=False)
+
+    @property
+    def short(self) -> str:
+        """The spec with default parameters left out (``int8o+zstd``); parses to ``self``."""
+        return self._text(short=True)
 
 
 def parse_codec(spec: str | CodecSpec) -> CodecSpec:
@@ -176,9 +186,8 @@ def parse_codec(spec: str | CodecSpec) -> CodecSpec:
     if hit is not None:
         return hit
     parsed = _parse(spec)
-    canonical = str(parsed)
-    if canonical == spec and len(_CANONICAL) < _CACHE_MAX:
-        _CANONICAL[canonical] = parsed
+    if (spec == str(parsed) or spec == parsed.short) and len(_CANONICAL) < _CACHE_MAX:
+        _CANONICAL[spec] = parsed
     return parsed
 
 
