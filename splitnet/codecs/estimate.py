@@ -13,8 +13,8 @@ int8o's channel indices and outlier dtype) and (b) what zstd makes of the bytes.
   worst case (incompressible input), so pass a sample for zstd codecs.
 * With ``sample`` (the tensor, or one of the same shape and dtype): the parameters
   come from the same reductions ``encode`` runs, so a codec without zstd is exact
-  (``exact=True``). With zstd, stages up to 64 KiB are compressed whole (exact);
-  larger ones by 8 evenly spaced 8 KiB blocks compressed together, and ``nbytes``
+  (``exact=True``). With zstd, stages up to 128 KiB are compressed whole (exact);
+  larger ones by 32 evenly spaced 4 KiB blocks compressed together, and ``nbytes``
   extrapolates that ratio (within a few percent on real activations; see the README).
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splitnet.codecs.dtypes import wire_dtype
+from splitnet.codecs.dtypes import as_numpy, wire_dtype
 from splitnet.codecs.registry import WIRE_PRECISION, CodecSpec, parse_codec
 from splitnet.codecs.zstd import SAMPLE_BLOCK, SAMPLE_BLOCKS
 from splitnet.errors import CodecError
@@ -107,7 +107,7 @@ def estimate_nbytes(
     else:
         sizes = [(0, numel * itemsize)] * 2
         if t is not None and spec.entropy_step is not None:
-            stage = step.apply(t, None)
+            stage = as_numpy(t)
     (low_head, low_stage), (high_head, high_stage) = sizes
     base = header
     entropy = spec.entropy_step

@@ -162,7 +162,9 @@ class OutlierInt8(PrecisionStep):
             with np.errstate(over="ignore"):
                 np.multiply(out, scale.astype(wide, copy=False).reshape(r, 1), out=out)
             out[:, channels] = outliers.reshape(r, k)
-            if largest * 128.0 > limit or (check_outliers and r and float(np.abs(outliers).max()) > limit):
+            if largest * 128.0 > limit or (
+                check_outliers and r and float(np.abs(outliers).max()) > limit
+            ):
                 np.clip(out, -limit, limit, out=out)
             result = torch.from_numpy(out).reshape(shape)
             return result if dtype in WIDE else result.to(dtype)

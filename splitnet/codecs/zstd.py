@@ -20,8 +20,8 @@ DEFAULT_LEVEL = 3
 _MAGIC = b"\x28\xb5\x2f\xfd"  # little-endian 0xFD2FB528, first in every zstd frame
 _BLOCK = 128 << 10  # zstd's largest block (decompressed bytes)
 # sample_ratio compresses this many evenly spaced blocks of this many bytes, joined.
-SAMPLE_BLOCKS = 8
-SAMPLE_BLOCK = 8 << 10
+SAMPLE_BLOCKS = 32
+SAMPLE_BLOCK = 4 << 10
 
 # zstd contexts are not thread-safe (and release the GIL), so each thread has its own.
 _local = threading.local()
@@ -63,17 +63,17 @@ class Zstd(EntropyStep):
         return _compressor(self.level).compress(data)
 
     def bounds(self, nbytes: int) -> tuple[int, int]:
-        """At least a frame header and one 4-byte block per 128 KiB; at most zstd's
+        """At least a frame header (6 bytes) and a 4-byte block per 128 KiB; at most zstd's
         ``ZSTD_COMPRESSBOUND`` (incompressible input plus its framing).
         """
         blocks = max(1, -(-nbytes // _BLOCK))
-        low = 6 + 4 * blocks
+        low = 6 + (4 if nbytes else 3) * blocks  # an empty frame has one empty block
         high = nbytes + (nbytes >> 8) + ((_BLOCK - nbytes) >> 11 if nbytes < _BLOCK else 0)
         return low, max(high, low)
 
     def sample_nbytes(self, data: memoryview) -> int:
-        """The compressed size of ``data``: exact up to 64 KiB; past that, extrapolated
-        from 8 evenly spaced 8 KiB blocks of it compressed together.
+        """The compressed size of ``data``: exact up to 128 KiB; past that, extrapolated
+        from 32 evenly spaced 4 KiB blocks of it compressed together.
         """
         n = len(data)
         compressor = _compressor(self.level)
