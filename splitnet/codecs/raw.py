@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ from splitnet.codecs.dtypes import NUMPY_HOLDER, as_numpy
 from splitnet.errors import CodecError
 from splitnet.v1 import tensor_pb2 as pb
 
-__all__ = ["Raw"]
+__all__ = ["Raw", "raw_tensor"]
 
 _NO_STEP = pb.Step()
 
@@ -45,17 +46,19 @@ class Raw(PrecisionStep):
     @classmethod
     def validate(cls, step: pb.Step, dtype: torch.dtype, shape: Shape, numel: int) -> Decoding:
         """The payload is ``numel`` values of ``dtype``."""
-        holder = NUMPY_HOLDER[dtype]
+        return Decoding(numel * NUMPY_HOLDER[dtype].itemsize, partial(raw_tensor, dtype, shape))
 
-        def finish(buf: Buffer) -> torch.Tensor:
-            arr = np.frombuffer(buf, dtype=holder)
-            if dtype == torch.bool and arr.size and arr.view(np.uint8).max() > 1:
-                raise CodecError("bool tensor holds bytes other than 0 and 1")
-            if not arr.flags.writeable:  # one copy: the payload is immutable, the result not
-                arr = arr.copy()
-            out = torch.from_numpy(arr)
-            if dtype == torch.bfloat16:
-                out = out.view(torch.bfloat16)
-            return out.reshape(shape)
 
-        return Decoding(numel * holder.itemsize, finish)
+def raw_tensor(dtype: torch.dtype, shape: Shape, buf: Buffer) -> torch.Tensor:
+    """The tensor whose little-endian bytes are ``buf``: ``buf``'s own memory when it is
+    writable (a bytearray handed over), else one copy.
+    """
+    arr = np.frombuffer(buf, dtype=NUMPY_HOLDER[dtype])
+    if dtype == torch.bool and arr.size and arr.view(np.uint8).max() > 1:
+        raise CodecError("bool tensor holds bytes other than 0 and 1")
+    if not arr.flags.writeable:  # one copy: the payload is immutable, the result not
+        arr = arr.copy()
+    out = torch.from_numpy(arr)
+    if dtype == torch.bfloat16:
+        out = out.view(torch.bfloat16)
+    return out.reshape(shape)

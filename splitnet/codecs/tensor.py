@@ -12,7 +12,7 @@ import torch
 
 from splitnet.codecs.base import Buffer, EntropyStep, PrecisionStep
 from splitnet.codecs.dtypes import NUMPY_HOLDER, TORCH_TO_WIRE, WIRE_TO_TORCH, as_numpy
-from splitnet.codecs.raw import Raw
+from splitnet.codecs.raw import Raw, raw_tensor
 from splitnet.codecs.registry import WIRE_ENTROPY, WIRE_PRECISION, CodecSpec, parse_codec
 from splitnet.errors import CodecError, ConfigError
 from splitnet.v1 import tensor_pb2 as pb
@@ -105,13 +105,14 @@ def decode(
     its memory without a copy; a ``bytes`` payload is copied at most once. The result
     is writable and never aliases ``msg``.
     """
-    rank = len(msg.shape)  # O(1): before any dimension is read
+    dims = msg.shape
+    rank = len(dims)  # O(1): before any dimension is read
     if rank > limits.max_rank:
         raise CodecError(f"rank {rank} exceeds the limit of {limits.max_rank}")
     dtype = WIRE_TO_TORCH.get(msg.dtype)
     if dtype is None:
         raise CodecError(f"unknown or unsupported dtype value {int(msg.dtype)} in wire tensor")
-    shape = tuple(msg.shape)
+    shape = tuple(dims)
     if shape and (min(shape) < 0 or max(shape) > limits.max_dim):
         bad = next(d for d in shape if d < 0 or d > limits.max_dim)
         raise CodecError(
@@ -128,9 +129,14 @@ def decode(
     if raw > limits.max_raw_bytes:
         raise CodecError(f"tensor of {raw} bytes exceeds the limit of {limits.max_raw_bytes} bytes")
 
-    precision, first, entropy, last = _chain(msg.steps)
-    decoding = precision.validate(first, dtype, shape, numel)
     buf: Buffer = msg.payload if payload is None else payload
+    steps = msg.steps
+    if not steps:  # raw, the common case: no step to dispatch on
+        if len(buf) != raw:
+            raise CodecError(f"payload holds {len(buf)} bytes; the header implies {raw}")
+        return raw_tensor(dtype, shape, buf)
+    precision, first, entropy, last = _chain(steps)
+    decoding = precision.validate(first, dtype, shape, numel)
     if entropy is not None:
         buf = entropy.decode(last, buf, decoding.stage_nbytes)
     elif len(buf) != decoding.stage_nbytes:
