@@ -114,13 +114,21 @@ class Cast(PrecisionStep):
         wide = torch.float64 if exponent and abs(exponent) > _F32_EXPONENT else dtype
 
         def finish(buf: Buffer) -> torch.Tensor:
-            arr = np.frombuffer(buf, dtype=np.int16)
-            if not arr.flags.writeable:  # torch refuses read-only memory
-                arr = arr.copy()
-            halves = torch.from_numpy(arr).view(narrow)
+            if narrow == torch.bfloat16:
+                # bfloat16 is float32's high half: one shift widens it, reading the
+                # payload in place (torch would need a writable copy first).
+                bits = np.frombuffer(buf, dtype="<u2")
+                f32 = np.empty(bits.shape, dtype=np.uint32)
+                np.left_shift(bits, 16, out=f32, dtype=np.uint32)
+                values = torch.from_numpy(f32.view(np.float32))
+            else:
+                arr = np.frombuffer(buf, dtype=np.int16)
+                if not arr.flags.writeable:  # torch refuses read-only memory
+                    arr = arr.copy()
+                values = torch.from_numpy(arr).view(narrow)
             if exponent == 0:
-                return halves.to(dtype).reshape(shape)
-            return halves.to(wide).mul_(2.0**exponent).to(dtype).reshape(shape)
+                return values.to(dtype).reshape(shape)
+            return values.to(wide).mul_(2.0**exponent).to(dtype).reshape(shape)
 
         return Decoding(numel * 2, finish)
 

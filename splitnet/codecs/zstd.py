@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import zstandard
 
 from splitnet.codecs.base import Buffer, EntropyStep, Param
@@ -98,10 +99,65 @@ class Zstd(EntropyStep):
             raise CodecError("zstd frame does not declare its content size")
         if declared != expected:
             raise CodecError(f"zstd frame declares {declared} bytes; the header implies {expected}")
-        # Safe now: zstandard allocates the declared content size, which we just bounded.
-        # It also checks the frame decodes to exactly that size with nothing after it.
-        try:
-            out: bytes = _decompressor().decompress(payload, allow_extra_data=False)
-        except zstandard.ZstdError as e:
-            raise CodecError(f"corrupt zstd payload: {e}") from e
-        return out
+        if expected < _INTO_MIN:
+            # Safe now: zstandard allocates the declared content size, which we just
+            # bounded. It also checks the frame decodes to exactly that size with nothing
+            # after it. (Small payloads: one more copy for writability costs nothing.)
+            try:
+                out: bytes = _decompressor().decompress(payload, allow_extra_data=False)
+            except zstandard.ZstdError as e:
+                raise CodecError(f"corrupt zstd payload: {e}") from e
+            return out
+        return _decompress_into(payload, expected)
+
+
+_INTO_MIN = 64 << 10  # from this size on, decompress into a writable buffer (no copy)
+
+
+def _frame_end(payload: Buffer) -> int:
+    """Where the one frame starting ``payload`` ends (RFC 8878: header, blocks, optional
+    checksum), walking its block headers; -1 if the blocks run past the end.
+    """
+    pos = zstandard.frame_header_size(payload)
+    has_checksum = payload[4] & 0b100
+    n = len(payload)
+    while True:
+        if pos + 3 > n:
+            return -1
+        header = int.from_bytes(payload[pos : pos + 3], "little")
+        pos += 3
+        kind, size = (header >> 1) & 3, header >> 3
+        if kind == 3:  # reserved block type
+            return -1
+        pos += 1 if kind == 1 else size  # an RLE block holds one byte
+        if header & 1:  # the last block
+            return pos + (4 if has_checksum else 0)
+
+
+def _decompress_into(payload: Buffer, expected: int) -> memoryview:
+    """Decompress a frame declaring ``expected`` bytes straight into a writable buffer,
+    so a lossless result uses it without another copy.
+    """
+    try:
+        end = _frame_end(payload)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"payload is not a zstd frame: {e}") from e
+    if end < 0:
+        raise CodecError("corrupt zstd payload: its blocks run past its end")
+    if end != len(payload):
+        raise CodecError(f"corrupt zstd payload: {len(payload) - end} bytes after the frame")
+    out = memoryview(np.empty(expected, dtype=np.uint8).data)
+    got = 0
+    try:
+        with _decompressor().stream_reader(payload, read_size=len(payload)) as reader:
+            while got < expected:
+                n = reader.readinto(out[got:])
+                if not n:
+                    break
+                got += n
+            extra = reader.read(1)  # drives the frame to its end (and its checksum)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"corrupt zstd payload: {e}") from e
+    if got != expected or extra:
+        raise CodecError("corrupt zstd payload: its content is not the size it declares")
+    return out
