@@ -136,14 +136,15 @@ def decode(
             raise CodecError(f"payload holds {len(buf)} bytes; the header implies {raw}")
         return raw_tensor(dtype, shape, buf)
     precision, first, entropy, last = _chain(steps)
-    decoding = precision.validate(first, dtype, shape, numel)
+    if precision is Raw:  # zstd alone
+        stage, finish = raw, None
+    else:
+        stage, finish = precision.validate(first, dtype, shape, numel)
     if entropy is not None:
-        buf = entropy.decode(last, buf, decoding.stage_nbytes)
-    elif len(buf) != decoding.stage_nbytes:
-        raise CodecError(
-            f"payload holds {len(buf)} bytes; the header implies {decoding.stage_nbytes}"
-        )
-    return decoding.finish(buf)
+        buf = entropy.decode(last, buf, stage)
+    elif len(buf) != stage:
+        raise CodecError(f"payload holds {len(buf)} bytes; the header implies {stage}")
+    return raw_tensor(dtype, shape, buf) if finish is None else finish(buf)
 
 
 _NO_STEP = pb.Step()
@@ -160,14 +161,20 @@ def _chain(
     n = len(steps)  # O(1): before any step is looked at
     if n > 2:
         raise CodecError(f"{n} steps; a wire tensor has at most two")
-    if n == 0:
-        return Raw, _NO_STEP, None, _NO_STEP
-    kinds = [s.WhichOneof("kind") for s in steps]
-    entropy = WIRE_ENTROPY.get(kinds[-1] or "")
-    precision_kinds = kinds[:-1] if entropy else kinds
-    if not precision_kinds:
-        return Raw, _NO_STEP, entropy, steps[-1]
-    precision = WIRE_PRECISION.get(precision_kinds[0] or "")
-    if len(precision_kinds) == 1 and precision is not None:
-        return precision, steps[0], entropy, steps[-1]
-    raise CodecError(f"unsupported step chain {kinds}; {_CHAIN_HELP}")
+    last = steps[n - 1]
+    last_kind = last.WhichOneof("kind")
+    entropy = WIRE_ENTROPY.get(last_kind) if last_kind else None
+    if entropy is not None:
+        if n == 1:
+            return Raw, _NO_STEP, entropy, last
+        first = steps[0]
+        first_kind = first.WhichOneof("kind")
+    elif n == 1:
+        first, first_kind = last, last_kind
+    else:
+        first_kind = None  # a precision step last: not a valid chain
+    precision = WIRE_PRECISION.get(first_kind) if first_kind else None
+    if precision is None:
+        kinds = [s.WhichOneof("kind") for s in steps]
+        raise CodecError(f"unsupported step chain {kinds}; {_CHAIN_HELP}")
+    return precision, first, entropy, last
