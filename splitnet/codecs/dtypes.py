@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import struct
 from typing import Final
 
 import numpy as np
@@ -42,8 +41,6 @@ NUMPY_HOLDER: Final[dict[torch.dtype, np.dtype]] = {
 }
 FLOATS: Final = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 WIDE: Final = (torch.float32, torch.float64)  # the dtypes a cast step narrows
-CODES: Final = np.dtype("i1")  # int8 quantization codes
-F32: Final = struct.Struct("<f")  # rounds a Python float to float32 (OverflowError past it)
 F32_MAX: Final = float(np.finfo(np.float32).max)
 F32_TINY: Final = float(np.finfo(np.float32).tiny)  # smallest normal float32: the least scale
 FP16_MAX: Final = 65504.0
@@ -86,11 +83,3 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 def wide_numpy(dtype: torch.dtype) -> type[np.floating]:
     """The numpy type decoders compute in: float64 for float64 tensors, else float32."""
     return np.float64 if dtype == torch.float64 else np.float32
-
-
-def to_float32(value: float) -> float:
-    """``value`` rounded to the float32 that travels (``CodecError`` past float32's range)."""
-    try:
-        return float(F32.unpack(F32.pack(value))[0])
-    except OverflowError:
-        raise CodecError(f"{value:.6g} is beyond float32's range") from None
