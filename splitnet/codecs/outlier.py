@@ -136,9 +136,12 @@ class OutlierInt8(PrecisionStep):
             raise CodecError(
                 f"outlier_int8 step has {k} channels; expected 1..{min(h, MAX_OUTLIERS)}"
             )
-        channels = np.fromiter(o.channels, dtype=np.int64, count=k)
-        if channels[-1] >= h or (k > 1 and not bool((np.diff(channels) > 0).all())):
-            raise CodecError(f"outlier_int8 channels must be increasing and below {h}")
+        channels = list(o.channels)  # at most 256 entries, each checked below
+        previous = -1
+        for c in channels:
+            if not previous < c < h:
+                raise CodecError(f"outlier_int8 channels must be increasing and below {h}")
+            previous = c
         outlier_dtype = _OUTLIER_NUMPY.get(o.outlier_dtype)
         if outlier_dtype is None:
             raise CodecError(f"outlier_int8 dtype {int(o.outlier_dtype)} is not FLOAT16 or FLOAT32")
@@ -159,12 +162,15 @@ class OutlierInt8(PrecisionStep):
             if not np.isfinite(outliers).all():
                 raise CodecError("outlier_int8 outlier values must be finite")
             out = codes.reshape(r, h).astype(wide)
-            with np.errstate(over="ignore"):
-                np.multiply(out, scale.astype(wide, copy=False).reshape(r, 1), out=out)
+            row_scale = scale.astype(wide, copy=False).reshape(r, 1)
+            overflow = largest * 128.0 > limit  # a code times its scale can pass the range
+            if overflow:
+                with np.errstate(over="ignore"):
+                    np.multiply(out, row_scale, out=out)
+            else:
+                np.multiply(out, row_scale, out=out)
             out[:, channels] = outliers.reshape(r, k)
-            if largest * 128.0 > limit or (
-                check_outliers and r and float(np.abs(outliers).max()) > limit
-            ):
+            if overflow or (check_outliers and r and float(np.abs(outliers).max()) > limit):
                 np.clip(out, -limit, limit, out=out)
             result = torch.from_numpy(out).reshape(shape)
             return result if dtype in WIDE else result.to(dtype)
