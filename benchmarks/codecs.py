@@ -3,8 +3,10 @@
     python -m benchmarks.codecs [--out DIR] [--repeat N] [--quick]
 
 For a few cuts of digits-cnn and torchvision resnet18 (early, middle, late), the
-frontier tensors a head really produces are encoded and decoded with each codec. Each
-row reports, for that codec on that cut:
+frontier tensors a head really produces are encoded and decoded with each codec; and
+synthetic language-model hidden states (``[1, 128, 576]`` prefill and ``[1, 1, 576]``
+decode step, ~N(0, 2) with three channels 10^4x the rest, as SmolLM2 shows) with the
+hidden-state codecs. Each row reports, for that codec on that cut:
 
 * ``ratio``: float32 bytes / serialized message bytes (payload, shape, scales...);
 * ``max_err``: the largest absolute error after a round trip;
@@ -14,7 +16,11 @@ row reports, for that codec on that cut:
   inline, ``zstandard.ZstdCompressor(level).compress``, ``ZstdDecompressor().decompress``),
   measured in the same run, interleaved with the codec, and ``x bare`` = codec time /
   bare time (the median of the ratios of back-to-back samples). Bare decodes, like
-  ``splitnet.decode``, return a writable tensor that owns its memory.
+  ``splitnet.decode``, return a writable tensor that owns its memory;
+* ``est err``: ``estimate_nbytes`` given the tensor as its sample, against the real
+  message size (0 for every codec without zstd: exact); ``blind``: the same without a
+  sample (the bound a planner gets from shapes alone); ``est/enc``: the estimate's
+  time over the encode's.
 
 The team's goal is ``int8+zstd:1`` within 1.25x of the bare calls both ways. This
 script only measures and reports; it asserts nothing about time. It leaves
@@ -42,7 +48,7 @@ import torch
 import zstandard
 
 import splitnet
-from splitnet.codecs import decode, encode, parse_codec
+from splitnet.codecs import decode, encode, estimate_nbytes, parse_codec
 from splitnet.data import load_digits
 from splitnet.errors import SplitNetError
 from splitnet.models import load_model
@@ -59,6 +65,10 @@ CODECS = [
     "int8c+zstd:1",
     "fp16+zstd:1",
 ]
+# For the synthetic hidden states: what a language model can use, and int8 to compare.
+LLM_CODECS = ["fp16", "bf16", "int8", "int8o:4", "int8o:4+zstd:1"]
+LLM_SHAPES = [(1, 128, 576), (1, 1, 576)]
+LLM_OUTLIERS = [7, 100, 400]
 GOAL_CODEC = "int8+zstd:1"
 GOAL_RATIO = 1.25
 # (model, input shape, preferred cuts: early, middle, late). Missing names fall back to
@@ -93,6 +103,9 @@ class Row:
     dec_mbps: float
     bare_dec_mbps: float
     dec_x_bare: float  # codec decode time / bare decode time
+    est_err: float  # estimate_nbytes(sample=tensor) / real bytes - 1
+    blind_err: float  # estimate_nbytes without a sample / real bytes - 1
+    est_x_enc: float  # estimate (with sample) time / encode time
 
 
 # ---------------------------------------------------------------------- activations
@@ -117,6 +130,15 @@ def pick_cuts(names: list[str], preferred: list[str]) -> list[str]:
     return [inner[int(len(inner) * f)] for f in (0.25, 0.5, 0.75)]
 
 
+def hidden_states(shape: tuple[int, ...]) -> torch.Tensor:
+    """Synthetic language-model hidden states: ~N(0, 2), three channels 10^4x, one ~22,000."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen) * 2
+    x[..., LLM_OUTLIERS] *= 1e4
+    x[..., 100] = 22000.0
+    return x
+
+
 def frontiers(quick: bool) -> list[tuple[str, str, tuple[torch.Tensor, ...]]]:
     """``(model, cut, frontier tensors)`` for each selected cut."""
     out = []
@@ -130,6 +152,14 @@ def frontiers(quick: bool) -> list[tuple[str, str, tuple[torch.Tensor, ...]]]:
                 tensors = tuple(t.detach().contiguous() for t in head(x))
             out.append((name, cut, tensors))
     return out
+
+
+def llm_frontiers() -> list[tuple[str, str, tuple[torch.Tensor, ...]]]:
+    """The synthetic hidden states: a 128-token prefill and one decode step."""
+    return [
+        ("synthetic-llm", "x".join(map(str, shape)), (hidden_states(shape),))
+        for shape in LLM_SHAPES
+    ]
 
 
 # ---------------------------------------------------------------------- bare calls
@@ -168,6 +198,9 @@ def bare_calls(
             return [to_tensor(b, dtype, x.shape).float() for b, x in zip(blobs, xs, strict=True)]
 
         return enc_cast, dec_cast
+
+    if spec.precision == "int8o":
+        return bare_int8o(spec.precision_param or 4, xs, pack, unpack)
 
     per_channel = spec.precision == "int8c"
     params: list[tuple[np.ndarray, np.ndarray]] = []  # scale, zero point per tensor
@@ -209,6 +242,49 @@ def bare_calls(
         return out
 
     return enc_int8, dec_int8
+
+
+def bare_int8o(
+    k: int, xs: Tensors, pack: Callable[[np.ndarray], bytes], unpack: Callable[[bytes], bytes]
+) -> tuple[Callable[[], list[bytes]], Callable[[list[bytes]], list[torch.Tensor]]]:
+    """int8o's work written inline: top-k channels in fp16, the rest int8 per row."""
+    meta: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def quantize(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rows = x.reshape(-1, x.shape[-1]).numpy()
+        channels = np.sort(np.argpartition(np.abs(rows).max(axis=0), -k)[-k:])
+        outliers = rows[:, channels].astype(np.float16)
+        rest = rows.copy()
+        rest[:, channels] = 0
+        scale = np.maximum(np.abs(rest).max(axis=1) / 127, 1e-30).astype(np.float32)
+        codes = np.clip(np.rint(rest / scale[:, None]), -127, 127).astype(np.int8)
+        return codes, scale, outliers, channels
+
+    def enc() -> list[bytes]:
+        out = []
+        for x in xs:
+            codes, scale, outliers, channels = quantize(x)
+            channels.tolist()  # what would travel beside the payload
+            parts = [a.reshape(-1).view(np.uint8) for a in (scale, outliers, codes)]
+            out.append(pack(np.concatenate(parts)))
+        return out
+
+    for x in xs:
+        _, scale, outliers, channels = quantize(x)
+        meta.append((scale, outliers, channels))
+
+    def dec(blobs: list[bytes]) -> list[torch.Tensor]:
+        out = []
+        for blob, x, (scale, outliers, channels) in zip(blobs, xs, meta, strict=True):
+            r, h = scale.size, x.shape[-1]
+            raw = unpack(blob)
+            codes = np.frombuffer(raw, np.int8, offset=4 * r + outliers.nbytes).reshape(r, h)
+            y = codes.astype(np.float32) * scale[:, None]
+            y[:, channels] = outliers
+            out.append(torch.from_numpy(y).reshape(x.shape))
+        return out
+
+    return enc, dec
 
 
 # ---------------------------------------------------------------------- timing
@@ -265,12 +341,20 @@ def bench(model: str, cut: str, xs: Tensors, codec: str, repeat: int) -> Row:
     bare_err = max(float((y - x).abs().max()) for y, x in zip(bare_dec(blobs), xs, strict=True))
     if bare_err > 2 * err + 1e-6:  # the bare calls must be doing the same work
         print(f"  note: bare {codec} error {bare_err:.3g} vs codec {err:.3g}", file=sys.stderr)
+
+    def estimate(sample: bool) -> int:
+        return sum(
+            estimate_nbytes(codec, x.shape, x.dtype, sample=x if sample else None).nbytes
+            for x in xs
+        )
+
     s = time_pairs(
         {
             "enc": lambda: [encode(x, codec) for x in xs],
             "bare_enc": bare_enc,
             "dec": lambda: [decode(m) for m in msgs],
             "bare_dec": lambda: bare_dec(blobs),
+            "est": lambda: estimate(True),
         },
         repeat,
     )
@@ -289,6 +373,9 @@ def bench(model: str, cut: str, xs: Tensors, codec: str, repeat: int) -> Row:
         dec_mbps=round(mb / t["dec"], 1),
         bare_dec_mbps=round(mb / t["bare_dec"], 1),
         dec_x_bare=round(paired_ratio(s["dec"], s["bare_dec"]), 3),
+        est_err=round(estimate(True) / wire_bytes - 1, 4),
+        blind_err=round(estimate(False) / wire_bytes - 1, 4),
+        est_x_enc=round(paired_ratio(s["est"], s["enc"]), 3),
     )
 
 
@@ -308,6 +395,9 @@ COLUMNS = [
     ("dec_mbps", "dec MB/s", "{:.0f}"),
     ("bare_dec_mbps", "bare", "{:.0f}"),
     ("dec_x_bare", "x bare", "{:.2f}"),
+    ("est_err", "est err", "{:+.1%}"),
+    ("blind_err", "blind", "{:+.1%}"),
+    ("est_x_enc", "est/enc", "{:.2f}"),
 ]
 
 
@@ -358,8 +448,27 @@ def environment() -> dict[str, object]:
     }
 
 
+def estimate_summary(rows: list[Row]) -> str:
+    """How close estimate_nbytes came, over the rows whose codec has zstd."""
+    zstd = [abs(r.est_err) for r in rows if "zstd" in r.codec]
+    fixed = [abs(r.est_err) for r in rows if "zstd" not in r.codec]
+    blind = [abs(r.blind_err) for r in rows if "zstd" not in r.codec]
+    parts = []
+    if fixed:
+        parts.append(
+            f"estimate_nbytes without zstd: exact in {sum(e == 0 for e in fixed)} of "
+            f"{len(fixed)} rows with a sample; without one at most {max(blind):.2%} over"
+        )
+    if zstd:
+        parts.append(
+            f"with zstd (sample given): median |error| {statistics.median(zstd):.1%}, "
+            f"max {max(zstd):.1%} over {len(zstd)} rows"
+        )
+    return "; ".join(parts)
+
+
 def summary(rows: list[Row]) -> str:
-    goal = [r for r in rows if r.codec == GOAL_CODEC]
+    goal = [r for r in rows if r.codec == GOAL_CODEC and r.model != "synthetic-llm"]
     if not goal:
         return ""
     enc = statistics.median(r.enc_x_bare for r in goal)
@@ -380,10 +489,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=15, help="timing samples per measurement")
     parser.add_argument("--quick", action="store_true", help="digits-cnn only (a smoke run)")
     parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codec specs")
+    parser.add_argument(
+        "--llm-codecs",
+        default=",".join(LLM_CODECS),
+        help="codecs for the synthetic hidden states (not in --quick runs; empty: skip them)",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     codecs = [str(parse_codec(c)) for c in args.codecs.split(",") if c.strip()]
+    llm_codecs = [str(parse_codec(c)) for c in args.llm_codecs.split(",") if c.strip()]
 
     env = environment()
     print(
@@ -402,12 +517,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model, cut, xs in frontiers(args.quick):
         for codec in codecs:
             rows.append(bench(model, cut, xs, codec, args.repeat))
+    for model, cut, xs in [] if args.quick or not llm_codecs else llm_frontiers():
+        for codec in llm_codecs:
+            rows.append(bench(model, cut, xs, codec, args.repeat))
     print()
     print(table(rows))
     line = summary(rows)
-    if line:
-        print()
-        print(line)
+    estimates = estimate_summary(rows)
+    for text in (line, estimates):
+        if text:
+            print()
+            print(text)
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "codecs.csv", "w", newline="") as f:
@@ -420,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "min_sample_s": MIN_SAMPLE_S,
         "goal": {"codec": GOAL_CODEC, "max_x_bare": GOAL_RATIO},
         "summary": line,
+        "estimate_summary": estimates,
         "load_1min_at_end": load(),
         "rows": [asdict(r) for r in rows],
     }

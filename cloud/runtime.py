@@ -23,7 +23,15 @@ from torch import fx, nn
 
 from cloud.config import ModelEntry
 from cloud.job import Job, RequestError, clip
-from splitnet.codecs import CodecSpec, DecodeLimits, decode, encode_parts, parse_codec, wire_dtype
+from splitnet.codecs import (
+    CodecSpec,
+    DecodeLimits,
+    accepted_codecs,
+    decode,
+    encode_parts,
+    parse_codec,
+    wire_dtype,
+)
 from splitnet.errors import CodecError, SplitNetError
 from splitnet.models import fingerprint, load_model, resolve
 from splitnet.partition import Cut, SplitGraph, trace
@@ -33,7 +41,6 @@ from splitnet.v1 import inference_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-ACCEPTED_CODECS = ("raw", "zstd", "fp16", "bf16", "int8", "int8c", "+zstd chains")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -130,7 +137,7 @@ class TailRuntime:
         """The ``GetModelInfo`` answer (limits are added by the server)."""
         if name and name not in self.models:
             raise self._unknown_model(name)
-        resp = pb.ModelInfoResponse(codecs=list(ACCEPTED_CODECS))
+        resp = pb.ModelInfoResponse(codecs=accepted_codecs())
         for served in self.models.values():
             if name and served.name != name:
                 continue

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitnet import ProtocolError, encode
+from splitnet import encode
+from splitnet.errors import ProtocolError
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.wire import (
     RawChunk,

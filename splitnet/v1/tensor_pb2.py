@@ -24,23 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitnet/v1/tensor.proto\x12\x0bsplitnet.v1\"8\n\x04\x43\x61st\x12\x1e\n\x02to\x18\x01 \x01(\x0e\x32\x12.splitnet.v1.DType\x12\x10\n\x08\x65xponent\x18\x02 \x01(\x11\"P\n\x08Quantize\x12\x13\n\x0bper_channel\x18\x01 \x01(\x08\x12\x0c\n\x04\x61xis\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x03(\x02\x12\x12\n\nzero_point\x18\x04 \x03(\x11\"\x15\n\x04Zstd\x12\r\n\x05level\x18\x01 \x01(\x05\"\x7f\n\x04Step\x12!\n\x04\x63\x61st\x18\x01 \x01(\x0b\x32\x11.splitnet.v1.CastH\x00\x12)\n\x08quantize\x18\x02 \x01(\x0b\x32\x15.splitnet.v1.QuantizeH\x00\x12!\n\x04zstd\x18\x03 \x01(\x0b\x32\x11.splitnet.v1.ZstdH\x00\x42\x06\n\x04kind\"\x81\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.splitnet.v1.DType\x12 \n\x05steps\x18\x03 \x03(\x0b\x32\x11.splitnet.v1.Step\x12\x12\n\nraw_nbytes\x18\x04 \x01(\x04\x12\x0f\n\x07payload\x18\x05 \x01(\x0c*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0f\n\x0b\x44TYPE_INT32\x10\x08\x12\x0f\n\x0b\x44TYPE_INT64\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitnet/v1/tensor.proto\x12\x0bsplitnet.v1\"8\n\x04\x43\x61st\x12\x1e\n\x02to\x18\x01 \x01(\x0e\x32\x12.splitnet.v1.DType\x12\x10\n\x08\x65xponent\x18\x02 \x01(\x11\"P\n\x08Quantize\x12\x13\n\x0bper_channel\x18\x01 \x01(\x08\x12\x0c\n\x04\x61xis\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x03(\x02\x12\x12\n\nzero_point\x18\x04 \x03(\x11\"J\n\x0bOutlierInt8\x12\x10\n\x08\x63hannels\x18\x01 \x03(\r\x12)\n\routlier_dtype\x18\x02 \x01(\x0e\x32\x12.splitnet.v1.DType\"\x15\n\x04Zstd\x12\r\n\x05level\x18\x01 \x01(\x05\"\xb1\x01\n\x04Step\x12!\n\x04\x63\x61st\x18\x01 \x01(\x0b\x32\x11.splitnet.v1.CastH\x00\x12)\n\x08quantize\x18\x02 \x01(\x0b\x32\x15.splitnet.v1.QuantizeH\x00\x12!\n\x04zstd\x18\x03 \x01(\x0b\x32\x11.splitnet.v1.ZstdH\x00\x12\x30\n\x0coutlier_int8\x18\x04 \x01(\x0b\x32\x18.splitnet.v1.OutlierInt8H\x00\x42\x06\n\x04kind\"\x81\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.splitnet.v1.DType\x12 \n\x05steps\x18\x03 \x03(\x0b\x32\x11.splitnet.v1.Step\x12\x12\n\nraw_nbytes\x18\x04 \x01(\x04\x12\x0f\n\x07payload\x18\x05 \x01(\x0c*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0f\n\x0b\x44TYPE_INT32\x10\x08\x12\x0f\n\x0b\x44TYPE_INT64\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitnet.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=466
-  _globals['_DTYPE']._serialized_end=673
+  _globals['_DTYPE']._serialized_start=593
+  _globals['_DTYPE']._serialized_end=800
   _globals['_CAST']._serialized_start=41
   _globals['_CAST']._serialized_end=97
   _globals['_QUANTIZE']._serialized_start=99
   _globals['_QUANTIZE']._serialized_end=179
-  _globals['_ZSTD']._serialized_start=181
-  _globals['_ZSTD']._serialized_end=202
-  _globals['_STEP']._serialized_start=204
-  _globals['_STEP']._serialized_end=331
-  _globals['_TENSOR']._serialized_start=334
-  _globals['_TENSOR']._serialized_end=463
+  _globals['_OUTLIERINT8']._serialized_start=181
+  _globals['_OUTLIERINT8']._serialized_end=255
+  _globals['_ZSTD']._serialized_start=257
+  _globals['_ZSTD']._serialized_end=278
+  _globals['_STEP']._serialized_start=281
+  _globals['_STEP']._serialized_end=458
+  _globals['_TENSOR']._serialized_start=461
+  _globals['_TENSOR']._serialized_end=590
 # @@protoc_insertion_point(module_scope)

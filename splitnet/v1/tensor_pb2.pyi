@@ -52,6 +52,14 @@ class Quantize(_message.Message):
     zero_point: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, per_channel: _Optional[bool] = ..., axis: _Optional[int] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class OutlierInt8(_message.Message):
+    __slots__ = ("channels", "outlier_dtype")
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    channels: _containers.RepeatedScalarFieldContainer[int]
+    outlier_dtype: DType
+    def __init__(self, channels: _Optional[_Iterable[int]] = ..., outlier_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
 class Zstd(_message.Message):
     __slots__ = ("level",)
     LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -59,14 +67,16 @@ class Zstd(_message.Message):
     def __init__(self, level: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("cast", "quantize", "zstd")
+    __slots__ = ("cast", "quantize", "zstd", "outlier_int8")
     CAST_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     ZSTD_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_INT8_FIELD_NUMBER: _ClassVar[int]
     cast: Cast
     quantize: Quantize
     zstd: Zstd
-    def __init__(self, cast: _Optional[_Union[Cast, _Mapping]] = ..., quantize: _Optional[_Union[Quantize, _Mapping]] = ..., zstd: _Optional[_Union[Zstd, _Mapping]] = ...) -> None: ...
+    outlier_int8: OutlierInt8
+    def __init__(self, cast: _Optional[_Union[Cast, _Mapping]] = ..., quantize: _Optional[_Union[Quantize, _Mapping]] = ..., zstd: _Optional[_Union[Zstd, _Mapping]] = ..., outlier_int8: _Optional[_Union[OutlierInt8, _Mapping]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "steps", "raw_nbytes", "payload")
