@@ -76,8 +76,8 @@ def _png(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
     c, h, w = shape[1:]
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if c == 1 else "RGB").resize((w, h))
-            arr = np.asarray(img, dtype=np.float32) / 255.0
+            pixels = img.convert("L" if c == 1 else "RGB").resize((w, h))
+            arr = np.asarray(pixels, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable image ({_first_line(e)})") from None
     if c == 1 and arr.mean() > 0.5:  # dark ink on light paper: invert, as in the data set
