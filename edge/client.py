@@ -57,6 +57,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_CONFIG_FIELDS = frozenset(f.name for f in fields(EdgeConfig)) - {"cut", "codec"}
 UNARY_MARGIN = 4096  # bytes of a message besides the payloads: over the limit, use a stream
 # Settings that may change on a live client (configure); the rest shape what it built.
 LIVE = frozenset(
@@ -109,6 +110,14 @@ class EdgeClient:
         self._response_bound = response_bound(1 << 20)
         first = self.device.first_cut() if config.auto else config.cut
         self._route = self._make_route(self.device.cut(first).name, config.codec)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CONFIG_FIELDS:  # ``client.retries = 5`` would silently do nothing
+            raise ConfigError(
+                f"{name} is a setting: use client.configure({name}=...) on a live client, "
+                "or build the client with it"
+            )
+        object.__setattr__(self, name, value)
 
     # ------------------------------------------------------- the model
     @property

@@ -73,6 +73,7 @@ def _handshake(sock: socket.socket, host: str, port: int, tls: TlsFiles) -> str 
     ca, cert, key = tls
     try:
         context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        context.set_alpn_protocols(["h2"])  # as gRPC does: without it the server hangs up
         if cert is not None and key is not None:
             context.load_cert_chain(str(cert), str(key))
     except (ssl.SSLError, OSError) as e:
@@ -80,12 +81,24 @@ def _handshake(sock: socket.socket, host: str, port: int, tls: TlsFiles) -> str 
     where = f"{host}:{port}"
     try:
         with context.wrap_socket(sock, server_hostname=host) as tls_sock:
-            # TLS 1.3 refuses a client certificate after the handshake: read once.
+            # TLS 1.3 refuses a client certificate after the handshake: read once. A
+            # gRPC server that accepted us sends its HTTP/2 settings; one that did not
+            # hangs up (or sends an alert, raised here).
             tls_sock.settimeout(1.0)
             try:
-                tls_sock.recv(1)
+                closed = tls_sock.recv(1) == b""
             except TimeoutError:
-                pass
+                closed = False
+        if closed:
+            if cert is None:
+                return (
+                    f"TLS handshake with {where} failed: the server requires a client "
+                    "certificate (mutual TLS): give --tls-cert and --tls-key"
+                )
+            return (
+                f"TLS handshake with {where} failed: the server refused the client "
+                "certificate (not signed by a CA it trusts, or expired)"
+            )
     except ssl.SSLCertVerificationError as e:
         return (
             f"TLS handshake with {where} failed: the server's certificate does not verify "

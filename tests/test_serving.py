@@ -474,7 +474,7 @@ def test_dead_server_raises_clearly_then_restart_is_picked_up(
             with pytest.raises(RemoteError):
                 list(c.infer_many([x, x]))
             server = ServerProcess(digits_weights, port=server.port)  # same port
-            c.deadline_s, c.retries, c.reconnect_wait_s = 30, 5, 1.0
+            c.configure(deadline_s=30, retries=5, reconnect_wait_s=1.0)
             assert torch.equal(c.infer(x).output, local(x))
             assert [torch.equal(r.output, local(x)) for r in c.infer_many([x, x])] == [True, True]
     finally:
