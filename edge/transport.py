@@ -141,13 +141,17 @@ class Transport:
             )
             channel = grpc.secure_channel(self.target, credentials, options=options)
         self._channel = channel
-        self.infer_raw = channel.unary_unary(_METHOD + "Infer")
-        self.model_info_raw = channel.unary_unary(_METHOD + "GetModelInfo")
+        # Registered methods (as generated stubs do) skip a per-call method lookup.
+        self.infer_raw = channel.unary_unary(_METHOD + "Infer", _registered_method=True)
+        self.model_info_raw = channel.unary_unary(
+            _METHOD + "GetModelInfo", _registered_method=True
+        )
         # Chunk frames skip protobuf's copies (the same bytes on the wire).
         self.stream = channel.stream_stream(
             _METHOD + "InferStream",
             request_serializer=_serialize_out,
             response_deserializer=stream_parser(pb.StreamResponse),
+            _registered_method=True,
         )
 
     def close(self) -> None:
