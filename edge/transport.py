@@ -143,9 +143,7 @@ class Transport:
         self._channel = channel
         # Registered methods (as generated stubs do) skip a per-call method lookup.
         self.infer_raw = channel.unary_unary(_METHOD + "Infer", _registered_method=True)
-        self.model_info_raw = channel.unary_unary(
-            _METHOD + "GetModelInfo", _registered_method=True
-        )
+        self.model_info_raw = channel.unary_unary(_METHOD + "GetModelInfo", _registered_method=True)
         # Chunk frames skip protobuf's copies (the same bytes on the wire).
         self.stream = channel.stream_stream(
             _METHOD + "InferStream",
