@@ -1,8 +1,8 @@
-r"""``splitnet-edge run``: run a split model against a splitnet server and report.
+r"""``splitnet-edge``: run a split model against a splitnet server and report.
 
-splitnet-edge run --server 127.0.0.1:50051 --model digits-cnn --weights w.safetensors \\
-        --cut pool1 --codec int8+zstd:1
-splitnet-edge run --server ... --model digits-cnn --weights w.safetensors digit.png x.npy
+Commands are registered in ``COMMANDS`` (name -> ``Command``); each adds its own flags
+and runs with the parsed arguments. ``add_connection_arguments`` and ``edge_config``
+give every command the same server, model, security and retry flags.
 """
 
 from __future__ import annotations
@@ -14,18 +14,37 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no C-core log lines
 
-from edge.client import EdgeClient, InferResult
-from splitnet.cli import parse_shape
-from splitnet.errors import SplitNetError
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-__all__ = ["main"]
+from edge.client import EdgeClient, InferResult  # noqa: E402
+from edge.config import EdgeConfig  # noqa: E402
+from edge.inputs import load_input  # noqa: E402
+from splitnet import __version__  # noqa: E402
+from splitnet.cli import parse_shape  # noqa: E402
+from splitnet.errors import SplitNetError  # noqa: E402
+from splitnet.models import resolve  # noqa: E402
+
+__all__ = ["COMMANDS", "Command", "add_connection_arguments", "edge_config", "main"]
+
+EXAMPLES = """\
+examples:
+  splitnet-edge run --server 127.0.0.1:50051 --model digits-cnn --weights w.safetensors \\
+      --cut pool1 --codec int8+zstd:1
+  splitnet-edge run --server HOST:PORT --model digits-cnn --weights w.safetensors --cut auto
+  splitnet-edge run --server HOST:PORT --model digits-cnn --weights w.safetensors digit.png x.npy
+  splitnet-edge run --server HOST:443 --tls-ca ca.pem --token-file token ...
+
+Exit status: 0 done; 2 with one line saying what went wrong (the command, a file, the
+server's answer, or a server that stayed unreachable); 130 interrupted.
+"""
 
 COMPONENTS = [
     ("edge compute", "edge_ms"),
@@ -38,164 +57,195 @@ COMPONENTS = [
     ("decode", "decode_ms"),
     ("total", "total_ms"),
 ]
+LOCAL_COMPONENTS = {"edge compute", "total"}  # what a run on the device measures
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser."""
-    p = argparse.ArgumentParser(prog="splitnet-edge", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run inputs (default: the digits test set) through the split")
-    r.add_argument("inputs", nargs="*", help=".npy, .pt or .png files (default: digits test set)")
-    r.add_argument("--server", required=True, help="HOST:PORT of splitnet-cloud")
-    r.add_argument("--model", required=True, help="model name, as the server serves it")
-    r.add_argument("--weights", default=None, help="the same weights the server loaded")
-    r.add_argument(
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, its flags, and what it runs."""
+
+    help: str  # one line, shown in ``splitnet-edge --help``
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""  # longer text for ``splitnet-edge COMMAND --help``
+
+
+# ------------------------------------------------------------ shared flags
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every command that talks to a server takes."""
+    g = p.add_argument_group("server and model")
+    g.add_argument("--server", required=True, help="HOST:PORT of splitnet-cloud")
+    g.add_argument("--model", required=True, help="model name, as the server serves it")
+    g.add_argument("--weights", default=None, help="the same weights file the server loaded")
+    g.add_argument(
         "--input-shape",
         type=parse_shape,
         default=None,
         help="input shape with batch, e.g. 1,3,224,224 (needed for pkg.module:callable models)",
     )
+    r = p.add_argument_group("deadlines and retries")
+    r.add_argument("--deadline", type=float, default=10.0, help="seconds per request (default 10)")
     r.add_argument(
-        "--cut",
-        default="input",
-        help="where to cut (see `splitnet cuts MODEL`), or auto: planned from "
-        "measurements and re-planned as the link changes",
+        "--retries",
+        type=int,
+        default=5,
+        help="further attempts when the server is unreachable or full (default 5), "
+        "with exponential backoff and jitter",
     )
-    r.add_argument("--codec", default="raw", help="frontier codec, e.g. int8+zstd:1")
-    r.add_argument("--limit", type=int, default=None, help="use only the first N test images")
-    r.add_argument("--deadline", type=float, default=10.0, help="seconds per request")
-    r.add_argument(
-        "--fallback",
-        choices=["error", "local"],
-        default="error",
-        help="when the cloud is unreachable: fail, or run the whole model here",
-    )
-    r.add_argument(
-        "--accuracy-budget",
-        type=float,
-        default=0.005,
-        help="cut auto: largest top-1 agreement loss allowed for a lossy codec",
-    )
-    r.add_argument(
-        "--edge-slowdown",
-        type=float,
-        default=1.0,
-        help="emulate a device F times slower than this machine (stretches edge compute)",
-    )
-    r.add_argument("--tls-ca", default=None, help="CA that signed the server certificate: TLS")
-    r.add_argument("--tls-cert", default=None, help="client certificate, for mutual TLS")
-    r.add_argument("--tls-key", default=None, help="client private key, for mutual TLS")
-    r.add_argument(
+    s = p.add_argument_group("security")
+    s.add_argument("--tls-ca", default=None, help="CA that signed the server certificate: TLS")
+    s.add_argument("--tls-cert", default=None, help="client certificate, for mutual TLS")
+    s.add_argument("--tls-key", default=None, help="client private key, for mutual TLS")
+    s.add_argument(
         "--token-file",
         default=None,
         help="bearer token for the server (first line of the file); "
         "$SPLITNET_TOKEN is used when this is not given",
     )
-    r.add_argument("--json", action="store_true", help="print a JSON summary")
-    r.add_argument("-v", "--verbose", action="store_true")
-    return p
 
 
-def load_input(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
-    """Read one input file as a batch of the model's input shape."""
-    if path.suffix == ".npy":
-        x = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-    elif path.suffix == ".pt":
-        x = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(x, torch.Tensor):
-            raise SplitNetError(f"{path} holds {type(x).__name__}, not a tensor")
-        x = x.float()
-    elif path.suffix == ".png":
-        try:
-            from PIL import Image
-        except ImportError as e:
-            raise SplitNetError("reading .png needs Pillow: pip install pillow") from e
-        c, h, w = shape[1:]
-        img = Image.open(path).convert("L" if c == 1 else "RGB").resize((w, h))
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        if c == 1 and arr.mean() > 0.5:  # dark ink on light paper: invert, as in the data set
-            arr = 1.0 - arr
-        x = torch.from_numpy(arr).reshape(1, h, w, c).permute(0, 3, 1, 2).contiguous()
-    else:
-        raise SplitNetError(f"{path}: unsupported input type (use .npy, .pt or .png)")
-    if tuple(x.shape[1:]) != tuple(shape[1:]):
-        x = x.reshape(-1, *shape[1:]) if x.numel() % int(np.prod(shape[1:])) == 0 else x
-    if tuple(x.shape[1:]) != tuple(shape[1:]):
-        raise SplitNetError(f"{path}: shape {list(x.shape)} does not fit the input {list(shape)}")
-    return x
-
-
-def _token(path: str | None) -> str | None:
-    if path is not None:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise SplitNetError(f"token file {path} is empty")
-        return lines[0]
-    return os.environ.get("SPLITNET_TOKEN") or None
-
-
-def _percentiles(results: Sequence[InferResult]) -> dict[str, dict[str, float]]:
-    out = {}
-    for label, attr in COMPONENTS:
-        values = sorted(getattr(r.timing, attr) for r in results)
-        if not values:
-            continue
-        out[label] = {
-            "p50": statistics.median(values),
-            "p90": values[min(len(values) - 1, int(0.9 * len(values)))],
-        }
-    return out
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    with EdgeClient(
-        args.server,
-        args.model,
+def edge_config(args: argparse.Namespace, **fields: Any) -> EdgeConfig:
+    """The ``EdgeConfig`` the shared flags ask for (plus ``fields``); files are checked
+    here, so a mistake is one line before anything is loaded.
+    """
+    for flag in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise SplitNetError(f"--{flag.replace('_', '-')} {path}: no such file")
+    return EdgeConfig(
         weights=args.weights,
         input_shape=args.input_shape,
-        cut=args.cut,
-        codec=args.codec,
         deadline_s=args.deadline,
-        fallback=args.fallback,
-        accuracy_budget=args.accuracy_budget,
-        edge_slowdown=args.edge_slowdown,
-        token=_token(args.token_file),
+        retries=args.retries,
+        retry_busy=True,  # the server's RESOURCE_EXHAUSTED says "retry": we do, with backoff
+        token=read_token(args.token_file),
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-    ) as client:
-        labels: torch.Tensor | None = None
-        if args.inputs:
-            xs = [load_input(Path(p), client.input_shape) for p in args.inputs]
-        else:
-            from splitnet.data import load_digits
+        **fields,
+    )
 
-            if client.input_shape[1:] != (1, 8, 8):
-                raise SplitNetError(f"{args.model} does not take digits: give input files")
-            test = load_digits()["test"]
-            n = len(test) if args.limit is None else min(args.limit, len(test))
-            xs = [test.x[i : i + 1] for i in range(n)]
-            labels = test.y[:n]
+
+def read_token(path: str | None) -> str | None:
+    """The bearer token: the first non-empty line of ``path``, else ``$SPLITNET_TOKEN``."""
+    if path is None:
+        return os.environ.get("SPLITNET_TOKEN", "").strip() or None
+    file = Path(path)
+    if not file.is_file():
+        raise SplitNetError(f"--token-file {path}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SplitNetError(f"--token-file {path}: cannot read it ({e})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise SplitNetError(f"token file {path} is empty")
+    return lines[0]
+
+
+# ------------------------------------------------------------------- run
+
+
+def _add_run_arguments(r: argparse.ArgumentParser) -> None:
+    r.add_argument("inputs", nargs="*", help=".npy, .pt or .png files (default: digits test set)")
+    add_connection_arguments(r)
+    c = r.add_argument_group("the split")
+    c.add_argument(
+        "--cut",
+        default="input",
+        help="where to cut (see `splitnet cuts MODEL`; default input: all in the cloud), or "
+        "auto: planned from measurements and re-planned as the link changes",
+    )
+    c.add_argument("--codec", default="raw", help="frontier codec, e.g. int8+zstd:1 (default raw)")
+    c.add_argument(
+        "--accuracy-budget",
+        type=float,
+        default=0.005,
+        help="cut auto: largest top-1 agreement loss allowed for a lossy codec (default 0.005)",
+    )
+    c.add_argument(
+        "--edge-slowdown",
+        type=float,
+        default=1.0,
+        help="emulate a device F times slower than this machine (stretches edge compute)",
+    )
+    c.add_argument(
+        "--fallback",
+        choices=["error", "local"],
+        default="error",
+        help="when the cloud is unreachable: fail (default), or run the whole model here",
+    )
+    o = r.add_argument_group("output")
+    o.add_argument("--limit", type=int, default=None, help="use only the first N test images")
+    o.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``splitnet-edge run``."""
+    if args.limit is not None and args.limit < 1:
+        raise SplitNetError("--limit must be at least 1")
+    config = edge_config(
+        args,
+        cut=args.cut,
+        codec=args.codec,
+        fallback=args.fallback,
+        accuracy_budget=args.accuracy_budget,
+        edge_slowdown=args.edge_slowdown,
+    )
+    shape = resolve(args.model, args.input_shape).input_shape
+    labels: torch.Tensor | None = None
+    if args.inputs:  # read before anything is loaded: a bad file costs nothing
+        xs = [load_input(Path(p), shape) for p in args.inputs]
+    else:
+        from splitnet.data import load_digits
+
+        if shape[1:] != (1, 8, 8):
+            raise SplitNetError(f"{args.model} does not take digits: give input files")
+        test = load_digits()["test"]
+        n = len(test) if args.limit is None else min(args.limit, len(test))
+        xs = [test.x[i : i + 1] for i in range(n)]
+        labels = test.y[:n]
+    with EdgeClient(args.server, args.model, config=config) as client:
         with torch.no_grad():
             local = [client.model(x).argmax(dim=1) for x in xs]
         t0 = time.perf_counter()
         results = list(client.infer_many(xs))
         elapsed = time.perf_counter() - t0
+    summary = _summary(args, client, results, local, labels, elapsed)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print("\n".join(_report(summary)))
+    return 0
+
+
+def _summary(
+    args: argparse.Namespace,
+    client: EdgeClient,
+    results: Sequence[InferResult],
+    local: Sequence[torch.Tensor],
+    labels: torch.Tensor | None,
+    elapsed: float,
+) -> dict[str, Any]:
     preds = [r.output.argmax(dim=1) for r in results]
+    remote = [r for r in results if r.cut != "output"]
     summary: dict[str, Any] = {
         "server": args.server,
         "model": args.model,
         "cut": client.cut,
-        "codec": client.codec,
+        "codec": client.codec if client.cut != "output" else "none",
         "requests": len(results),
+        "remote": len(remote),  # answered by the server
         "fallbacks": sum(r.fallback for r in results),
         "agreement": float(
             np.mean([bool(torch.equal(p, q)) for p, q in zip(preds, local, strict=True)])
         ),
         "throughput_per_s": len(results) / elapsed if elapsed > 0 else 0.0,
-        "bytes_sent_mean": statistics.fmean(r.timing.bytes_sent for r in results) if results else 0,
-        "batch_size_mean": statistics.fmean(r.timing.batch_size for r in results) if results else 0,
-        "latency_ms": _percentiles(results),
+        "bytes_sent_mean": statistics.fmean(r.timing.bytes_sent for r in remote) if remote else 0,
+        "batch_size_mean": statistics.fmean(r.timing.batch_size for r in remote) if remote else 0,
+        "latency_ms": _percentiles(results, remote),
     }
     if client.auto is not None:
         summary["plans"] = [
@@ -215,43 +265,108 @@ def cmd_run(args: argparse.Namespace) -> int:
             "queue_ms": est.queue_ms,
         }
     if labels is not None:
-        pred = torch.cat(preds)
-        summary["accuracy"] = float((pred == labels).float().mean())
-        summary["local_accuracy"] = float((torch.cat(local) == labels).float().mean())
+        summary["accuracy"] = float((torch.cat(preds) == labels).float().mean())
+        summary["local_accuracy"] = float((torch.cat(list(local)) == labels).float().mean())
     else:
         summary["predictions"] = [p.tolist() for p in preds]
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    print(
-        f"{summary['model']} cut {summary['cut']} codec {summary['codec']} via {args.server}: "
-        f"{summary['requests']} requests, {summary['throughput_per_s']:.1f}/s, "
-        f"{summary['bytes_sent_mean']:.0f} B sent per request, "
-        f"mean server batch {summary['batch_size_mean']:.2f}"
-    )
-    if "accuracy" in summary:
-        print(
-            f"accuracy {summary['accuracy']:.2%} (local model {summary['local_accuracy']:.2%}), "
-            f"agreement with local {summary['agreement']:.2%}"
+    return summary
+
+
+def _percentiles(
+    results: Sequence[InferResult], remote: Sequence[InferResult]
+) -> dict[str, dict[str, float]]:
+    out = {}
+    for label, attr in COMPONENTS:
+        rows = results if label in LOCAL_COMPONENTS else remote  # local runs have no network
+        values = sorted(getattr(r.timing, attr) for r in rows)
+        if not values:
+            continue
+        out[label] = {
+            "p50": statistics.median(values),
+            "p90": values[min(len(values) - 1, int(0.9 * len(values)))],
+        }
+    return out
+
+
+def _report(s: dict[str, Any]) -> list[str]:
+    """The human summary of a run."""
+    where = "all on the device" if s["cut"] == "output" else f"cut {s['cut']} codec {s['codec']}"
+    n, remote = s["requests"], s["remote"]
+    if remote:
+        first = (
+            f"{s['model']} {where} via {s['server']}: {n} requests, "
+            f"{s['throughput_per_s']:.1f}/s, {s['bytes_sent_mean']:.0f} B sent per request, "
+            f"mean server batch {s['batch_size_mean']:.2f}"
+        )
+        if remote < n:
+            first += f"; {n - remote} ran on this device"
+    else:
+        why = "the cloud was unreachable" if s["fallbacks"] else "the plan keeps it all here"
+        first = (
+            f"{s['model']} all on this device ({why}): {n} requests, "
+            f"{s['throughput_per_s']:.1f}/s, nothing sent"
+        )
+    lines = [first]
+    if "accuracy" in s:
+        lines.append(
+            f"accuracy {s['accuracy']:.2%} (local model {s['local_accuracy']:.2%}), "
+            f"agreement with local {s['agreement']:.2%}"
         )
     else:
-        print(
-            f"predictions {summary['predictions']}; agreement with local {summary['agreement']:.2%}"
-        )
-    for plan in summary.get("plans", []):
-        print(f"plan from request {plan['from_request']}: {plan['breakdown']}")
-    if "link_estimate" in summary:
-        le = summary["link_estimate"]
-        print(
+        lines.append(f"predictions {s['predictions']}; agreement with local {s['agreement']:.2%}")
+    for plan in s.get("plans", []):
+        lines.append(f"plan from request {plan['from_request']}: {plan['breakdown']}")
+    if "link_estimate" in s:
+        le = s["link_estimate"]
+        lines.append(
             f"link estimate: uplink {le['up_mbit']:.2f} Mbit/s, fixed cost per request "
             f"{le['rtt_ms']:.2f} ms, queue {le['queue_ms']:.2f} ms"
         )
-    if summary["fallbacks"]:
-        print(f"{summary['fallbacks']} requests ran locally (cloud unreachable)")
-    print("latency (ms)      p50      p90")
-    for label, v in summary["latency_ms"].items():
-        print(f"  {label:<14}{v['p50']:>7.2f}  {v['p90']:>7.2f}")
-    return 0
+    if s["fallbacks"]:
+        lines.append(f"{s['fallbacks']} requests ran on this device (cloud unreachable)")
+    lines.append("latency (ms)      p50      p90")
+    for label, v in s["latency_ms"].items():
+        lines.append(f"  {label:<14}{v['p50']:>7.2f}  {v['p90']:>7.2f}")
+    return lines
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command(
+        help="run inputs (default: the digits test set) through the split and report",
+        add_arguments=_add_run_arguments,
+        run=cmd_run,
+        description="Run inputs through the head here and the tail on the server; print "
+        "accuracy (digits test set) or predictions (files), agreement with the whole model "
+        "run here, throughput, and the latency breakdown (p50, p90).",
+    ),
+}
+
+
+# ------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subparser per entry of ``COMMANDS``."""
+    p = argparse.ArgumentParser(
+        prog="splitnet-edge",
+        description="Run a model's head on this device and its tail on a splitnet server.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"splitnet-edge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        c = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.description or command.help,
+            epilog=EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        c.add_argument("-v", "--verbose", action="store_true", help="log what the client does")
+        command.add_arguments(c)
+        c.set_defaults(handler=command.run)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -262,12 +377,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return cmd_run(args)
+        status: int = args.handler(args)
+        return status
     except SplitNetError as e:
-        print(f"splitnet-edge: error: {e}", file=sys.stderr)
+        print(f"splitnet-edge: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

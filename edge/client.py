@@ -3,90 +3,67 @@
     with EdgeClient("127.0.0.1:50051", "digits-cnn", weights="w.safetensors",
                     cut="pool1", codec="int8+zstd:1") as client:
         result = client.infer(x)                 # output + timing breakdown
-        for r in client.infer_many(images):      # pipelined over one stream
+        for r in client.infer_many(images):      # pipelined over one stream, lazily
             ...
 
-Every call has a deadline. ``UNAVAILABLE`` is retried with exponential backoff and
-jitter; when the cloud stays unreachable, ``fallback="local"`` runs the whole model
-on the device and marks the result ``fallback=True``; ``fallback="error"`` raises
-``RemoteError``. The client never hangs on a dead server.
+Settings are one ``EdgeConfig`` (``config=``, or its fields as keywords). Every call has
+a deadline. ``UNAVAILABLE`` is retried with exponential backoff and jitter (and
+``RESOURCE_EXHAUSTED`` with ``retry_busy``); when the cloud stays unreachable,
+``fallback="local"`` runs the whole model on the device and marks the result
+``fallback=True``; ``fallback="error"`` raises ``UnavailableError``. The client never
+hangs on a dead server. It follows the limits the server publishes: message and
+chunk size, batch size, and requests in flight.
+
+The parts: ``edge.config`` (settings), ``edge.transport`` (channel, retries, errors),
+``edge.route`` (the request bytes of a cut and codec), ``edge.stream`` (the pipelined
+stream), ``edge.auto`` (planning), ``edge.model`` (what the device holds).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import queue
-import random
-import statistics
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import fields, replace
+from typing import Any, Unpack
 
 import grpc
 import torch
 from torch import nn
 
-from edge.auto import DEFAULT_CODECS, AutoPlan, calibrate_agreement
-from splitnet.codecs import decode, encode, encode_parts, parse_codec, torch_dtype
-from splitnet.errors import ModelMismatchError, RemoteError, SplitNetError
-from splitnet.models import fingerprint, load_model, resolve
-from splitnet.partition import OUTPUT, trace
-from splitnet.planning import LinkEstimate, Prediction
+from edge.auto import AutoPlan
+from edge.config import EdgeConfig, EdgeOptions
+from edge.model import DeviceModel
+from edge.results import InferResult, Timing
+from edge.route import Route
+from edge.stream import StreamCall, outputs_per_sample, response_bound
+from edge.transport import UNREACHABLE, RetryPolicy, Transport, default_lb_policy, lb_options
+from splitnet.codecs import decode, encode, parse_codec, torch_dtype
+from splitnet.errors import ConfigError, ModelMismatchError, RemoteError
+from splitnet.partition import OUTPUT
 from splitnet.report import sample_input
 from splitnet.v1 import inference_pb2 as pb
-from splitnet.v1 import inference_pb2_grpc as pb_grpc
-from splitnet.wire import (
-    CHUNK_BYTES,
-    RawChunk,
-    Reassembler,
-    iter_chunks,
-    serialize_stream_message,
-    stream_parser,
-)
 
-__all__ = ["EdgeClient", "InferResult", "Timing"]
+__all__ = [
+    "EdgeClient",
+    "EdgeConfig",
+    "InferResult",
+    "Timing",
+    "default_lb_policy",
+    "lb_options",
+]
 
 logger = logging.getLogger(__name__)
 
-AUTO = "auto"
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-# RemoteError.code names for which the cloud counts as unreachable (fallback applies).
-UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
-
-
-@dataclass
-class Timing:
-    """Where one request's time went, in milliseconds."""
-
-    edge_ms: float = 0.0  # head on the device
-    encode_ms: float = 0.0  # encoding the frontier
-    network_ms: float = 0.0  # end-to-end minus everything measured on either side
-    queue_ms: float = 0.0  # waiting in the server's batcher
-    server_decode_ms: float = 0.0
-    cloud_ms: float = 0.0  # the tail on the server (whole batch)
-    server_encode_ms: float = 0.0
-    decode_ms: float = 0.0  # decoding the outputs on the device
-    total_ms: float = 0.0  # head start to outputs decoded
-    batch_size: int = 1  # samples in the server's batch
-    bytes_sent: int = 0
-    bytes_received: int = 0
-
-
-@dataclass
-class InferResult:
-    """The model's output for one input, and how it was obtained."""
-
-    output: Any  # a tensor, or a tuple of tensors for several outputs
-    cut: str
-    codec: str
-    timing: Timing = field(default_factory=Timing)
-    fallback: bool = False  # True: computed entirely on the device (cloud unreachable)
-    prediction: Prediction | None = None  # cut="auto": the plan in force, with its breakdown
+_CONFIG_FIELDS = frozenset(f.name for f in fields(EdgeConfig)) - {"cut", "codec"}
+UNARY_MARGIN = 4096  # bytes of a message besides the payloads: over the limit, use a stream
+# Settings that may change on a live client (configure); the rest shape what it built.
+LIVE = frozenset(
+    {"deadline_s", "retries", "backoff_s", "max_backoff_s", "reconnect_wait_s", "retry_busy",
+     "fallback", "window"}
+)  # fmt: skip
 
 
 class EdgeClient:
@@ -95,81 +72,131 @@ class EdgeClient:
     def __init__(
         self,
         target: str,
-        model: str | nn.Module,
+        model: str | nn.Module | None = None,
         *,
-        weights: str | Path | None = None,
-        input_shape: tuple[int, ...] | None = None,
-        cut: str = "input",
-        codec: str = "raw",
-        output_codec: str = "raw",
-        deadline_s: float = 10.0,
-        retries: int = 3,
-        backoff_s: float = 0.05,
-        fallback: str = "error",
-        chunk_bytes: int = CHUNK_BYTES,
-        window: int = 8,
-        model_name: str | None = None,
-        reconnect_wait_s: float = 1.0,
-        codecs: Sequence[str] = DEFAULT_CODECS,
-        link: LinkEstimate | None = None,
-        accuracy_budget: float = 0.005,
-        calibration: torch.Tensor | None = None,
-        edge_slowdown: float = 1.0,
-        token: str | None = None,
-        tls_ca: str | Path | None = None,
-        tls_cert: str | Path | None = None,
-        tls_key: str | Path | None = None,
-        lb_policy: str | None = None,
+        config: EdgeConfig | None = None,
+        **options: Unpack[EdgeOptions],
     ) -> None:
-        if fallback not in ("error", "local"):
-            raise ValueError("fallback must be 'error' or 'local'")
-        if deadline_s <= 0 or retries < 0 or window < 1 or edge_slowdown < 1:
-            raise ValueError(
-                "deadline_s must be > 0, retries >= 0, window >= 1, edge_slowdown >= 1"
-            )
-        if isinstance(model, str):
-            spec = resolve(model, input_shape)
-            self.model_name = model_name or model
-            self.model = load_model(model, weights, input_shape=spec.input_shape)
-            self.input_shape = spec.input_shape
-        else:
-            if input_shape is None or model_name is None:
-                raise ValueError("a module needs input_shape and model_name (the server's name)")
-            self.model, self.model_name, self.input_shape = model.eval(), model_name, input_shape
+        if options:
+            names = {f.name for f in fields(EdgeConfig)}
+            unknown = sorted(set(options) - names)
+            if unknown:
+                raise TypeError(f"EdgeClient got unknown settings: {', '.join(unknown)}")
+            config = replace(config or EdgeConfig(), **options)  # keywords override config
+        self.config = config = config or EdgeConfig()
         self.target = target
-        self.codec = str(parse_codec(codec))
-        self.output_codec = str(parse_codec(output_codec))
-        self.deadline_s = deadline_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.fallback = fallback
-        self.chunk_bytes = chunk_bytes
-        self.window = window
-        self.reconnect_wait_s = reconnect_wait_s
-        self.fingerprint = fingerprint(self.model)
-        self.graph = trace(self.model, (sample_input(self.input_shape),))
-        self.edge_slowdown = edge_slowdown  # >1 emulates a slower device: head time x F
-        # Sent with every call when the server requires a bearer token.
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        if (tls_cert is None) != (tls_key is None):
-            raise ValueError("a client certificate needs both tls_cert and tls_key")
-        self._tls = (tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
-        # How calls spread over the addresses a target resolves to (see lb_options).
-        self.lb_policy = lb_policy or default_lb_policy(target)
-        lb_options(self.lb_policy)  # an unknown policy fails here, not at connect
-        # cut="auto": planned at connect, re-planned as the link moves (see edge.auto).
+        if model is None:
+            raise ConfigError("EdgeClient needs a model: a name or a module")
+        self.device = DeviceModel.load(
+            model,
+            model_name=config.model_name,
+            input_shape=config.input_shape,
+            weights=config.weights,
+        )
+        if config.fallback == "local" and not self.device.can_run_whole:
+            raise ConfigError(
+                "fallback='local' runs the whole model, but this device holds only heads "
+                f"({self.device.source}); export the bundle with --whole, or use fallback='error'"
+            )
+        self.transport = Transport(target, config)
         self.auto: AutoPlan | None = None
-        self._auto_args: (
-            tuple[tuple[str, ...], LinkEstimate | None, float, torch.Tensor | None] | None
-        ) = (tuple(codecs), link, accuracy_budget, calibration) if cut == AUTO else None
-        self.cut = self.graph.cut("input" if cut == AUTO else cut).name
-        self.codec = str(parse_codec(codec))
-        self.head, _ = self.graph.split(self.cut)
-        self._current = (self.cut, self.codec, self.head)
-        self._ids = itertools.count(1)
-        self._channel: grpc.Channel | None = None
-        self._stub: pb_grpc.SplitInferenceStub | None = None
         self.server_info: pb.ModelInfo | None = None
+        self.limits: pb.ServerLimits | None = None
+        self._ids = itertools.count(1)
+        self._window = config.window
+        self._chunk_bytes = config.chunk_bytes
+        self._max_message = 64 << 20
+        self._max_batch = 0  # 0: no limit known
+        self._response_bound = response_bound(1 << 20)
+        first = self.device.first_cut() if config.auto else config.cut
+        self._route = self._make_route(self.device.cut(first).name, config.codec)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CONFIG_FIELDS:  # ``client.retries = 5`` would silently do nothing
+            raise ConfigError(
+                f"{name} is a setting: use client.configure({name}=...) on a live client, "
+                "or build the client with it"
+            )
+        object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------- the model
+    @property
+    def model(self) -> nn.Module:
+        """The whole model; ``ConfigError`` when the device holds only heads."""
+        if self.device.whole is None:
+            raise ConfigError(f"this device holds only heads ({self.device.source})")
+        return self.device.whole
+
+    @property
+    def graph(self) -> Any:
+        """The traced model (``SplitGraph``): every cut and its frontier."""
+        return self.device.graph
+
+    @property
+    def model_name(self) -> str:
+        """The server's name for the model."""
+        return self.device.name
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's example input shape, with batch."""
+        return self.device.input_shape
+
+    @property
+    def fingerprint(self) -> str:
+        """The whole model's fingerprint, sent with every request."""
+        return self.device.fingerprint
+
+    @property
+    def cut(self) -> str:
+        """The cut requests use now."""
+        return self._route.cut
+
+    @property
+    def codec(self) -> str:
+        """The frontier codec requests use now."""
+        return self._route.codec
+
+    @property
+    def head(self) -> nn.Module:
+        """The head of the current cut."""
+        return self._route.head
+
+    @property
+    def lb_policy(self) -> str:
+        """How calls spread over the addresses the target resolves to."""
+        return self.transport.lb_policy
+
+    def _make_route(self, cut: str, codec: str) -> Route:
+        return Route.build(
+            model=self.device.name,
+            cut=cut,
+            fingerprint=self.device.fingerprint,
+            output_codec=self.config.output_codec,
+            codec=codec,
+            head=self.device.head(cut),
+        )
+
+    def use(self, cut: str | None = None, codec: str | None = None) -> None:
+        """Switch to another cut and/or codec for the next requests."""
+        new_cut = self._route.cut if cut is None else self.device.cut(cut).name
+        new_codec = self._route.codec if codec is None else str(parse_codec(codec))
+        if (new_cut, new_codec) != (self._route.cut, self._route.codec):
+            self._route = self._make_route(new_cut, new_codec)  # one assignment
+
+    def configure(self, **changes: Any) -> None:
+        """Change retry, deadline, fallback or window settings of a live client."""
+        fixed = sorted(set(changes) - LIVE)
+        if fixed:
+            raise ConfigError(
+                f"{', '.join(fixed)} cannot change on a live client (build a new EdgeClient); "
+                f"these can: {', '.join(sorted(LIVE))}"
+            )
+        self.config = replace(self.config, **changes)
+        if self.config.fallback == "local" and not self.device.can_run_whole:
+            raise ConfigError("fallback='local' needs the whole model on the device")
+        self.transport.policy = RetryPolicy.from_config(self.config)
+        self._apply_limits()
 
     # --------------------------------------------------------- lifecycle
     def __enter__(self) -> EdgeClient:
@@ -180,441 +207,339 @@ class EdgeClient:
         self.close()
 
     def connect(self) -> None:
-        """Open the channel and check the server serves our model with our weights."""
-        options = [
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
-            ("grpc.keepalive_time_ms", 20_000),  # notice dead links on mobile networks
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.enable_retries", 0),  # retries are ours, with backoff and a deadline
-            ("grpc.initial_reconnect_backoff_ms", 100),  # find a restarted server quickly
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-            *lb_options(self.lb_policy),
-        ]
-        if self._tls is None:
-            self._channel = grpc.insecure_channel(self.target, options=options)
-        else:
-            ca, cert, key = (Path(p).read_bytes() if p else None for p in self._tls)
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=ca, private_key=key, certificate_chain=cert
-            )
-            self._channel = grpc.secure_channel(self.target, credentials, options=options)
-        self._stub = pb_grpc.SplitInferenceStub(self._channel)
-        # As generated, but chunk frames skip protobuf's copies (same bytes on the wire).
-        self._infer_stream = self._channel.stream_stream(
-            "/splitnet.v1.SplitInference/InferStream",
-            request_serializer=serialize_stream_message,
-            response_deserializer=stream_parser(pb.StreamResponse),
-        )
+        """Open the channel; check the server serves our model with our weights; plan."""
+        self.transport.open()
         try:
             self.refresh_info()
-            if self._auto_args is not None:
-                self._plan()
+            if self.config.auto:
+                self.auto = AutoPlan.at_connect(
+                    self.config,
+                    self.device.graph,
+                    self.device.whole,
+                    self._server_info(),
+                    sample_input(self.device.input_shape),
+                    self.probe_rtt,
+                )
+                self._follow_plan()
         except RemoteError as e:
-            if self.fallback == "local" and e.code in UNREACHABLE:
+            if self.config.fallback == "local" and e.code in UNREACHABLE:
                 logger.warning("cloud %s unreachable (%s); will fall back to local", self.target, e)
             else:
                 self.close()
                 raise
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.transport.close()
 
     def refresh_info(self) -> pb.ModelInfo:
-        """Ask the server about our model; check the fingerprint and the cut."""
-        resp = self._call(
-            lambda timeout, ready: self._stub_().GetModelInfo(
-                pb.ModelInfoRequest(model=self.model_name),
-                timeout=timeout,
-                wait_for_ready=ready,
-                metadata=self._metadata,
-            )
-        )
+        """Ask the server about our model; check the fingerprint; adopt its limits."""
+        resp = self.transport.model_info(self.device.name)
+        if len(resp.models) != 1:
+            raise RemoteError("UNKNOWN", f"GetModelInfo answered {len(resp.models)} models, not 1")
         info = resp.models[0]
-        if info.fingerprint != self.fingerprint:
+        if info.fingerprint != self.device.fingerprint:
             raise ModelMismatchError(
-                f"server's {self.model_name} has fingerprint {info.fingerprint[:16]}, ours is "
-                f"{self.fingerprint[:16]}: load the same weights on both sides"
+                f"server's {self.device.name} has fingerprint {info.fingerprint[:16]}, ours is "
+                f"{self.device.fingerprint[:16]}: load the same weights on both sides"
             )
         self.server_info = info
+        self.limits = resp.limits if resp.HasField("limits") else None
+        self._response_bound = response_bound(outputs_per_sample(info))
+        self._apply_limits()
         return info
 
-    def _plan(self) -> None:
-        assert self._auto_args is not None
-        codecs, link, budget, calibration = self._auto_args
-        if calibration is None and self.input_shape[1:] == (1, 8, 8):
-            from splitnet.data import load_digits
+    def _apply_limits(self) -> None:
+        """Follow the server's published limits (0 means the server did not say)."""
+        lim = self.limits
+        window, chunk, message, batch = self.config.window, self.config.chunk_bytes, 64 << 20, 0
+        if lim is not None:
+            if lim.max_in_flight:
+                window = max(1, min(window, lim.max_in_flight))
+            if lim.max_message_bytes:
+                message = min(message, lim.max_message_bytes)
+                chunk = min(chunk, max(1, lim.max_message_bytes - UNARY_MARGIN))
+            if lim.chunk_bytes:
+                chunk = min(chunk, lim.chunk_bytes)
+            batch = lim.max_batch_size
+        self._window, self._chunk_bytes, self._max_message, self._max_batch = (
+            window,
+            chunk,
+            message,
+            batch,
+        )
 
-            calibration = load_digits()["val"].x  # the digits model's own validation set
-        agreement = (
-            calibrate_agreement(self.model, self.graph, calibration, codecs)
-            if calibration is not None
-            else None
-        )
-        if link is None:
-            rtt = statistics.median(self.probe_rtt() for _ in range(5))
-            link = LinkEstimate(up_mbit=100.0, down_mbit=100.0, rtt_ms=rtt)
-        assert self.server_info is not None
-        self.auto = AutoPlan.build(
-            self.graph,
-            sample_input(self.input_shape),
-            self.server_info,
-            codecs=codecs,
-            prior=link,
-            accuracy_budget=budget,
-            agreement=agreement,
-            edge_slowdown=self.edge_slowdown,
-        )
-        self._follow_plan()
+    def _server_info(self) -> pb.ModelInfo:
+        if self.server_info is None:
+            raise RemoteError("UNAVAILABLE", "no model info from the server yet")
+        return self.server_info
 
     def _follow_plan(self) -> None:
         assert self.auto is not None and self.auto.prediction is not None
         p = self.auto.prediction
-        if (p.cut, p.codec) != (self.cut, self.codec):
-            self.use(cut=p.cut, codec=self.codec if p.codec == "none" else p.codec)
+        if (p.cut, p.codec) != (self._route.cut, self._route.codec):
+            self.use(cut=p.cut, codec=None if p.codec == "none" else p.codec)
 
     def probe_rtt(self) -> float:
         """Round trip (ms) of a request with almost no payload and no compute: the
         model's own outputs sent at the ``output`` cut. It carries every fixed cost of
         a request (network, transport, serving), which a bare ping would miss.
         """
-        assert self.server_info is not None
-        cut = self.server_info.cuts[-1]
+        info = self._server_info()
+        cut = info.cuts[-1]
         # Zeros, compressed both ways: a few dozen bytes, whatever the output size.
         request = pb.InferRequest(
-            model=self.model_name, cut=cut.name, fingerprint=self.fingerprint, output_codec="zstd:1"
+            model=self.device.name,
+            cut=cut.name,
+            fingerprint=self.device.fingerprint,
+            output_codec="zstd:1",
         )
         for spec in cut.frontier:
             zeros = torch.zeros(list(spec.shape), dtype=torch_dtype(spec.dtype))
             request.frontier.append(encode(zeros, "zstd:1"))
+        data = request.SerializeToString()
+        transport = self.transport
         t0 = time.perf_counter()
-        self._stub_().Infer(request, timeout=self.deadline_s, metadata=self._metadata)
+        transport.call(
+            lambda timeout, ready: transport.infer_raw(
+                data, timeout=timeout, wait_for_ready=ready, metadata=transport.metadata
+            ),
+            "probe",
+        )
         return (time.perf_counter() - t0) * 1e3
-
-    def close(self) -> None:
-        """Close the channel."""
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-            self._stub = None
-
-    def _stub_(self) -> pb_grpc.SplitInferenceStub:
-        if self._stub is None:
-            raise SplitNetError("EdgeClient is not connected: use it as a context manager")
-        return self._stub
-
-    def use(self, cut: str | None = None, codec: str | None = None) -> None:
-        """Switch to another cut and/or codec for the next requests."""
-        new_cut = self.cut if cut is None else self.graph.cut(cut).name
-        head = self.head if new_cut == self.cut else self.graph.split(new_cut)[0]
-        new_codec = self.codec if codec is None else str(parse_codec(codec))
-        # One assignment, read once per request: a pipelined stream never mixes them.
-        self._current = (new_cut, new_codec, head)
-        self.cut, self.codec, self.head = self._current
 
     # ---------------------------------------------------------- one call
     def infer(self, x: torch.Tensor) -> InferResult:
         """Run ``x`` (a batch) through head, wire and tail; retry, then fall back if asked."""
-        if self.cut == OUTPUT:  # everything on the device: nothing to send
-            result = self._local(x, reason=None)
-            if self.auto is not None:
-                self.auto.planner.observe_edge(OUTPUT, result.timing.edge_ms)
-                self.auto.observe_local()
+        route = self._route
+        if route.cut == OUTPUT:  # everything on the device: nothing to send
+            return self._planned_local(x)
+        if self._max_batch and x.shape[0] > self._max_batch:
+            return self._infer_in_parts(x)
+        transport = self.transport
+        if transport.infer_raw is None:
+            transport.require_open()
+        started = time.perf_counter()
+        frontier = self._run_head(route, x, started)
+        t1 = time.perf_counter()
+        data = route.request(next(self._ids), route.encode(frontier))
+        if len(data) > self._max_message:  # too big for one message: chunks on a stream
+            (result,) = self.infer_many([x])
             return result
-        t0 = time.perf_counter()
-        request = pb.InferRequest()
-        timing, _, codec = self._prepare(x, next(self._ids), request)
         sent = time.perf_counter()
         try:
-            resp = self._call(
-                lambda timeout, ready: self._stub_().Infer(
-                    request, timeout=timeout, wait_for_ready=ready, metadata=self._metadata
+            raw = transport.infer_raw(
+                data, timeout=transport.policy.deadline_s, metadata=transport.metadata
+            )
+        except grpc.RpcError as e:
+            try:
+                raw = transport.retry(
+                    lambda timeout, ready: transport.infer_raw(
+                        data, timeout=timeout, wait_for_ready=ready, metadata=transport.metadata
+                    ),
+                    e,
+                    sent,
+                    "Infer",
                 )
-            )
-        except RemoteError as e:
-            if self.fallback == "local" and e.code in UNREACHABLE:
-                return self._local(x, reason=str(e))
-            raise
-        return self._learn(self._finish(resp, None, timing, t0, sent, request.cut, codec))
-
-    def _learn(self, result: InferResult, link: bool = True) -> InferResult:
-        """Feed the planner (cut="auto") and follow a new plan.
-
-        ``link`` False: the request waited behind others in a pipeline, so its time says
-        nothing about the link (only the edge calibration learns from it).
-        """
-        if self.auto is not None and not link and not result.fallback:
-            self.auto.planner.observe_edge(result.cut, result.timing.edge_ms)
-            result.prediction = self.auto.prediction
-        elif self.auto is not None and not result.fallback:
-            t = result.timing
-            est = self.auto.estimator.estimate
-            self.auto.planner.observe_edge(result.cut, t.edge_ms)
-            priced = self.auto.planner.predict(result.cut, result.codec, est)
-            # What the cost table does not price: the link and the fixed per-request cost.
-            residual = t.total_ms - t.edge_ms - t.encode_ms - t.decode_ms - t.queue_ms
-            residual -= priced.decode_ms + priced.cloud_ms
-            self.auto.observe(
-                residual_ms=residual,
-                bytes_up=t.bytes_sent,
-                bytes_down=t.bytes_received,
-                queue_ms=t.queue_ms,
-                probe_rtt=self.probe_rtt,
-            )
-            result.prediction = self.auto.prediction
-            self._follow_plan()
+            except RemoteError as err:
+                if self.config.fallback == "local" and err.code in UNREACHABLE:
+                    return self._local(x, reason=str(err))
+                raise
+        received = time.perf_counter()
+        resp = pb.InferResponse.FromString(raw)
+        timing = Timing(
+            edge_ms=(t1 - started) * 1e3,
+            encode_ms=(sent - t1) * 1e3,
+            bytes_sent=len(data),
+            bytes_received=len(raw),
+        )
+        result = self._finish(resp, None, route, timing, started, sent, received)
+        if self.auto is not None:
+            self._learn(result, link=True)
         return result
 
-    def _call(self, fn: Any) -> Any:
-        """Call ``fn(timeout, wait_for_ready)`` within the deadline, retrying UNAVAILABLE.
-
-        The first attempt fails fast if the server is down; each retry waits (bounded,
-        growing) for the channel to reconnect, so a restarted server is picked up.
-        """
-        deadline = time.monotonic() + self.deadline_s
-        for attempt in itertools.count():
-            left = deadline - time.monotonic()
-            waiting = attempt > 0
-            budget = min(left, self.reconnect_wait_s * 2 ** (attempt - 1)) if waiting else left
-            try:
-                return fn(max(budget, 0.001), waiting)
-            except grpc.RpcError as e:
-                code = e.code()
-                left = deadline - time.monotonic()
-                unreachable = code in RETRYABLE or (
-                    waiting and code == grpc.StatusCode.DEADLINE_EXCEEDED
-                )
-                if unreachable and attempt < self.retries and left > 0:
-                    pause = min(self.backoff_s * 2**attempt, 2.0) * (0.5 + random.random())
-                    logger.info("%s; retry %d in %.0f ms", code.name, attempt + 1, pause * 1e3)
-                    time.sleep(min(pause, max(left, 0)))
-                    continue
-                if unreachable:
-                    raise RemoteError(
-                        "UNAVAILABLE",
-                        f"cloud {self.target} unreachable after {attempt + 1} attempts: "
-                        f"{e.details() or code.name}",
-                    ) from None
-                raise RemoteError(code.name, e.details() or code.name) from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    # ---------------------------------------------------------- pipeline
-    def infer_many(self, xs: Iterable[torch.Tensor]) -> Iterator[InferResult]:
-        """Stream ``xs`` over one ``InferStream`` call, results in order.
-
-        The head and encoding of the next inputs overlap the network and the server:
-        up to ``window`` requests are in flight. If the stream breaks, the requests
-        without an answer are retried on a fresh stream, then fall back or raise.
-        """
-        todo = list(xs)
-        if self.cut == OUTPUT:  # planned all on the device: nothing to stream
-            yield from (self.infer(x) for x in todo)
-            return
-        done = 0
-        attempt = 0
-        while done < len(todo):
-            try:
-                for result in self._stream(todo[done:]):
-                    done += 1
-                    attempt = 0
-                    yield result
-            except RemoteError as e:
-                if e.code == "UNAVAILABLE" and attempt < self.retries:
-                    time.sleep(min(self.backoff_s * 2**attempt, 2.0) * (0.5 + random.random()))
-                    attempt += 1
-                    continue
-                if self.fallback == "local" and e.code in UNREACHABLE:
-                    for x in todo[done:]:
-                        done += 1
-                        yield self._local(x, reason=str(e))
-                    return
-                raise
-
-    def _stream(self, xs: list[torch.Tensor]) -> Iterator[InferResult]:
-        slots = threading.Semaphore(self.window)
-        stop = threading.Event()
-        prepared: queue.Queue[tuple[int, Timing, float, float, str, str, bool]] = queue.Queue()
-        in_flight = [0]  # requests sent and not yet answered
-
-        def requests() -> Iterator[pb.StreamRequest | RawChunk]:
-            for x in xs:
-                while not slots.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-                t0 = time.perf_counter()
-                rid = next(self._ids)
-                msg = pb.StreamRequest()  # built in place: wrapping would copy the payloads
-                timing, payloads, codec = self._prepare(x, rid, msg.request, self.chunk_bytes)
-                alone = in_flight[0] == 0  # its timing is its own, not a pipeline wait
-                in_flight[0] += 1
-                prepared.put((rid, timing, t0, time.perf_counter(), msg.request.cut, codec, alone))
-                yield msg
-                if payloads is not None:  # views of the payloads, copied once on send
-                    for data in iter_chunks(payloads, self.chunk_bytes):
-                        yield RawChunk(rid, data)
-
-        # The whole stream may take as long as every request's deadline together.
-        call = self._infer_stream(
-            requests(), timeout=self.deadline_s * max(1, len(xs)), metadata=self._metadata
-        )
-        try:
-            answered = 0
-            assembler: Reassembler | None = None
-            pending: pb.InferResponse | None = None
-            for msg in call:
-                kind = msg.WhichOneof("kind")
-                if kind == "response":
-                    pending = msg.response
-                    if pending.chunked_payload_bytes:
-                        assembler = Reassembler(
-                            pending.chunked_payload_bytes, len(pending.outputs), 1 << 31
-                        )
-                        if not assembler.done:
-                            continue
-                elif assembler is not None and pending is not None:
-                    assembler.add(msg.data if kind == "raw_chunk" else msg.chunk.data)
-                    if not assembler.done:
-                        continue
-                else:
-                    raise SplitNetError("server sent a chunk nobody announced")
-                assert pending is not None
-                rid, timing, t0, sent, cut, codec, alone = prepared.get(timeout=self.deadline_s)
-                in_flight[0] -= 1
-                if pending.id != rid:
-                    raise SplitNetError(f"server answered request {pending.id}, expected {rid}")
-                payloads = assembler.payloads() if assembler is not None else None
-                result = self._learn(
-                    self._finish(pending, payloads, timing, t0, sent, cut, codec), link=alone
-                )
-                assembler = pending = None
-                answered += 1
-                slots.release()
-                yield result
-            if answered < len(xs):
-                raise RemoteError(
-                    "UNAVAILABLE", f"stream ended after {answered} of {len(xs)} answers"
-                )
-        except grpc.RpcError as e:
-            raise RemoteError(e.code().name, e.details() or e.code().name) from None
-        finally:
-            stop.set()
-            call.cancel()
-
-    # ------------------------------------------------------------ pieces
-    def _prepare(
-        self, x: torch.Tensor, rid: int, request: pb.InferRequest, chunk_bytes: int | None = None
-    ) -> tuple[Timing, list[bytes | memoryview] | None, str]:
-        """Run the head on ``x`` and fill ``request`` with the encoded frontier; return
-        the timing, the payloads left for chunks (or None) and the codec used.
-
-        With ``chunk_bytes`` (streams), payloads larger than that together are left out
-        of the request and returned, to be sent as chunks; otherwise None is returned.
-        """
-        cut, codec, head = self._current
-        timing = Timing()
-        t0 = time.perf_counter()
+    def _run_head(self, route: Route, x: torch.Tensor, started: float) -> Any:
         with torch.no_grad():
-            frontier = head(x)
-        self._slow_down(t0)
-        t1 = time.perf_counter()
-        request.id = rid
-        request.model = self.model_name
-        request.cut = cut
-        request.fingerprint = self.fingerprint
-        request.output_codec = self.output_codec
-        parts = [encode_parts(t, codec) for t in frontier]
-        request.frontier.extend(header for header, _ in parts)
-        payloads = [p for _, p in parts]
-        total = sum(len(p) for p in payloads)
-        chunked = chunk_bytes is not None and total > chunk_bytes
-        if chunked:
-            request.chunked_payload_bytes.extend(len(p) for p in payloads)
-        else:
-            for t, p in zip(request.frontier, payloads, strict=True):
-                t.payload = p if isinstance(p, bytes) else p.tobytes()
-        t2 = time.perf_counter()
-        timing.edge_ms, timing.encode_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        timing.bytes_sent = request.ByteSize() + (total if chunked else 0)
-        return timing, payloads if chunked else None, codec
+            frontier = route.head(x)
+        if self.config.edge_slowdown > 1:
+            self._slow_down(started)
+        return frontier
 
     def _finish(
         self,
         resp: pb.InferResponse,
         payloads: list[bytearray] | None,
+        route: Route,
         timing: Timing,
-        t0: float,
+        started: float,
         sent: float,
-        cut: str,
-        codec: str,
+        received: float,
     ) -> InferResult:
-        received = time.perf_counter()
-        if resp.HasField("error"):
-            code = grpc.StatusCode(_code_tuple(resp.error.code)).name
-            raise RemoteError(code, resp.error.message)
+        """Decode an answer and complete its timing."""
         if payloads is None:
             outputs = [decode(t) for t in resp.outputs]
         else:
             outputs = [decode(t, payload=p) for t, p in zip(resp.outputs, payloads, strict=True)]
+            timing.bytes_received = sum(len(p) for p in payloads)
         done = time.perf_counter()
         st = resp.timing
-        timing.queue_ms, timing.cloud_ms = st.queue_ms, st.compute_ms
-        timing.server_decode_ms, timing.server_encode_ms = st.decode_ms, st.encode_ms
+        timing.queue_ms = st.queue_ms
+        timing.cloud_ms = st.compute_ms
+        timing.server_decode_ms = st.decode_ms
+        timing.server_encode_ms = st.encode_ms
         timing.batch_size = st.batch_size
         timing.decode_ms = (done - received) * 1e3
-        timing.total_ms = (done - t0) * 1e3
+        timing.total_ms = (done - started) * 1e3
         timing.network_ms = max(0.0, (received - sent) * 1e3 - st.total_ms)
-        timing.bytes_received = resp.ByteSize()
+        if not timing.bytes_received:
+            timing.bytes_received = resp.ByteSize()
         output: Any = outputs[0] if len(outputs) == 1 else tuple(outputs)
-        return InferResult(output=output, cut=cut, codec=codec, timing=timing)
+        return InferResult(output=output, cut=route.cut, codec=route.codec, timing=timing)
+
+    def _learn(self, result: InferResult, *, link: bool) -> None:
+        """Feed the planner (cut="auto") and follow a new plan."""
+        if self.auto is None:
+            return
+        result.prediction = self.auto.learn(
+            result, link=link, probe_rtt=self.probe_rtt if link else None
+        )
+        if link:
+            self._follow_plan()
+
+    def _infer_in_parts(self, x: torch.Tensor) -> InferResult:
+        """A batch larger than the server's ``max_batch_size``: pipelined in parts, joined."""
+        parts = list(self.infer_many(x.split(self._max_batch)))
+        return _join(parts)
+
+    # ---------------------------------------------------------- pipeline
+    def infer_many(self, xs: Iterable[torch.Tensor]) -> Iterator[InferResult]:
+        """Stream ``xs`` (any iterable, read lazily) over one ``InferStream`` call,
+        results in order.
+
+        The head and encoding of the next inputs overlap the network and the server:
+        up to ``window`` requests are in flight (at most the server's ``max_in_flight``),
+        and only their inputs are held. If the stream breaks, the requests without an
+        answer are sent again on a fresh stream, then fall back or raise. An input
+        larger than the server's ``max_batch_size`` travels in parts, joined again.
+        """
+        if not self._max_batch:
+            return self._stream_all(iter(xs))
+        counts: deque[int] = deque()
+        return _regroup(self._stream_all(_parts(iter(xs), self._max_batch, counts)), counts)
+
+    def _stream_all(self, source: Iterator[torch.Tensor]) -> Iterator[InferResult]:
+        replay: deque[torch.Tensor] = deque()
+        attempt = 0
+        while True:
+            if self._route.cut == OUTPUT:  # planned all on the device: nothing to stream
+                for x in itertools.chain(replay, source):
+                    yield self._planned_local(x)
+                return
+            self.transport.require_open()
+            stream = StreamCall(
+                self,
+                replay,
+                source,
+                window=self._window,
+                chunk_bytes=self._chunk_bytes,
+                max_response_bytes=self._response_bound,
+            )
+            try:
+                for result in stream.results():
+                    attempt = 0
+                    yield result
+                return
+            except RemoteError as e:
+                replay = stream.unanswered()
+                policy = self.transport.policy
+                if policy.retryable(e.code) and attempt < policy.retries:
+                    logger.info("stream: %s; retry %d", e.code, attempt + 1)
+                    self.transport.pause(attempt)
+                    attempt += 1
+                    continue
+                if self.config.fallback == "local" and e.code in UNREACHABLE:
+                    for x in itertools.chain(replay, source):
+                        yield self._local(x, reason=str(e))
+                    return
+                raise
+
+    # ------------------------------------------------------------ pieces
+    def _planned_local(self, x: torch.Tensor) -> InferResult:
+        result = self._local(x, reason=None)
+        if self.auto is not None:
+            self.auto.observe_local(OUTPUT, result.timing.edge_ms)
+        return result
 
     def _local(self, x: torch.Tensor, reason: str | None) -> InferResult:
         """The whole model on the device: planned (``reason`` None) or a fallback."""
         if reason is not None:
-            logger.warning("cloud unreachable (%s): running %s locally", reason, self.model_name)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = self.model(x)
-        self._slow_down(t0)
-        ms = (time.perf_counter() - t0) * 1e3
-        timing = Timing(edge_ms=ms, total_ms=ms)
+            logger.warning("cloud unreachable (%s): running %s locally", reason, self.device.name)
+        started = time.perf_counter()
+        out = self.device.run_whole(x)
+        if self.config.edge_slowdown > 1:
+            self._slow_down(started)
+        ms = (time.perf_counter() - started) * 1e3
         return InferResult(
             output=out,
             cut=OUTPUT,
             codec="none",
-            timing=timing,
+            timing=Timing(edge_ms=ms, total_ms=ms),
             fallback=reason is not None,
             prediction=self.auto.prediction if self.auto is not None else None,
         )
 
     def _slow_down(self, started: float) -> None:
         """Emulate a device ``edge_slowdown`` times slower than this machine."""
-        if self.edge_slowdown > 1:
-            time.sleep((time.perf_counter() - started) * (self.edge_slowdown - 1))
+        time.sleep((time.perf_counter() - started) * (self.config.edge_slowdown - 1))
 
 
-def default_lb_policy(target: str) -> str:
-    """``round_robin`` for targets that can name several servers, else ``pick_first``.
-
-    A ``dns:///`` name (a Kubernetes headless Service resolves to every ready pod) or an
-    ``ipv4:``/``ipv6:`` list gets a connection to each address and calls spread over
-    them; gRPC's default, ``pick_first``, would send everything to one pod for as long
-    as the connection lives.
-    """
-    several = target.startswith("dns:") or (target.startswith(("ipv4:", "ipv6:")) and "," in target)
-    return "round_robin" if several else "pick_first"
-
-
-def lb_options(policy: str) -> list[tuple[str, str]]:
-    """The channel option that selects a load-balancing policy (a default service config);
-    none for ``pick_first``, gRPC's own default.
-    """
-    if policy not in ("round_robin", "pick_first"):
-        raise ValueError(f"lb_policy must be round_robin or pick_first, got {policy!r}")
-    if policy == "pick_first":
-        return []
-    return [("grpc.service_config", json.dumps({"loadBalancingConfig": [{policy: {}}]}))]
+def _parts(
+    source: Iterator[torch.Tensor], max_batch: int, counts: deque[int]
+) -> Iterator[torch.Tensor]:
+    """Each input, or its parts of at most ``max_batch`` samples (``counts`` says how many)."""
+    for x in source:
+        if x.shape[0] <= max_batch:
+            counts.append(1)
+            yield x
+        else:
+            parts = x.split(max_batch)
+            counts.append(len(parts))
+            yield from parts
 
 
-def _code_tuple(number: int) -> tuple[int, str]:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code.value
-    return grpc.StatusCode.UNKNOWN.value
+def _regroup(results: Iterator[InferResult], counts: deque[int]) -> Iterator[InferResult]:
+    """One result per input again, from the results of its parts (in order)."""
+    for result in results:
+        n = counts.popleft()
+        if n == 1:
+            yield result
+        else:
+            yield _join([result, *itertools.islice(results, n - 1)])
+
+
+def _join(parts: list[InferResult]) -> InferResult:
+    """One result from the results of a batch's parts (outputs concatenated)."""
+    first = parts[0]
+    if isinstance(first.output, tuple):
+        output: Any = tuple(
+            torch.cat([p.output[i] for p in parts]) for i in range(len(first.output))
+        )
+    else:
+        output = torch.cat([p.output for p in parts])
+    t = Timing()
+    for p in parts:
+        for name in ("edge_ms", "encode_ms", "decode_ms", "bytes_sent", "bytes_received"):
+            setattr(t, name, getattr(t, name) + getattr(p.timing, name))
+    t.total_ms = sum(p.timing.total_ms for p in parts)  # an upper bound: parts overlap
+    t.batch_size = max(p.timing.batch_size for p in parts)
+    return InferResult(
+        output=output,
+        cut=first.cut,
+        codec=first.codec,
+        timing=t,
+        fallback=any(p.fallback for p in parts),
+        prediction=parts[-1].prediction,
+    )

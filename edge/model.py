@@ -1,0 +1,122 @@
+"""What the device holds: the traced model, a head per cut, and (maybe) the whole model.
+
+``DeviceModel.load`` builds it from a model name and weights (the whole model on the
+device) or from an edge bundle (``splitnet export``: only the heads up to the bundle's
+deepest cut, built on the meta device and materialized from the bundle's weights).
+Heads are built once per cut and kept: switching cuts (``cut="auto"``) costs nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from splitnet.errors import ConfigError, PartitionError
+from splitnet.models import fingerprint, load_model, resolve
+from splitnet.partition import INPUT, Cut, SplitGraph, trace
+from splitnet.report import sample_input
+
+__all__ = ["DeviceModel"]
+
+
+@dataclass
+class DeviceModel:
+    """The model as the device has it."""
+
+    name: str  # the server's name for it
+    input_shape: tuple[int, ...]  # example input with batch
+    fingerprint: str  # the whole model's (what requests carry)
+    graph: SplitGraph  # every cut, traced once
+    whole: nn.Module | None  # the whole model; None when only heads were shipped
+    deepest: int  # index of the deepest cut whose head the device holds
+    source: str = "weights"  # "weights" or "bundle DIR"
+
+    def __post_init__(self) -> None:
+        self._heads: dict[str, nn.Module] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | nn.Module,
+        *,
+        model_name: str | None,
+        input_shape: tuple[int, ...] | None,
+        weights: str | Path | None,
+    ) -> DeviceModel:
+        """The whole model on the device: built by name (or given), traced on a real input."""
+        if isinstance(model, str):
+            spec = resolve(model, input_shape)
+            module = load_model(model, weights, input_shape=spec.input_shape)
+            name, shape = model_name or model, spec.input_shape
+        else:
+            if input_shape is None or model_name is None:
+                raise ConfigError("a module needs input_shape and model_name (the server's name)")
+            if weights is not None:
+                raise ConfigError(
+                    "weights= is for a model given by name; load them into the module"
+                )
+            module, name, shape = model.eval(), model_name, tuple(input_shape)
+        graph = trace(module, (sample_input(shape),))
+        return cls(
+            name=name,
+            input_shape=shape,
+            fingerprint=fingerprint(module),
+            graph=graph,
+            whole=module,
+            deepest=len(graph.cuts) - 1,
+        )
+
+    # ---------------------------------------------------------------- cuts
+    @property
+    def names(self) -> list[str]:
+        """The cuts this device can run, in execution order."""
+        return [c.name for c in self.graph.cuts[: self.deepest + 1]]
+
+    def cut(self, name: str) -> Cut:
+        """The cut ``name``; ``PartitionError`` if unknown or deeper than the device holds."""
+        cut = self.graph.cut(name)
+        if cut.index > self.deepest:
+            raise PartitionError(
+                f"cut {name!r} is deeper than this device's {self.source} reaches "
+                f"(its deepest cut is {self.graph.cuts[self.deepest].name!r}); "
+                f"valid cuts: {', '.join(self.names)}"
+            )
+        return cut
+
+    def head(self, name: str) -> nn.Module:
+        """The head of cut ``name`` (built once, then kept)."""
+        head = self._heads.get(name)
+        if head is None:
+            with self._lock:
+                head = self._heads.get(name)
+                if head is None:
+                    head = self._heads[name] = self._build_head(name)
+        return head
+
+    def _build_head(self, name: str) -> nn.Module:
+        return self.graph.split(self.cut(name).name)[0]
+
+    @property
+    def can_run_whole(self) -> bool:
+        """True if the device can compute the whole model (``output``, local fallback)."""
+        return self.whole is not None
+
+    def run_whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole model on ``x``."""
+        if self.whole is None:
+            raise ConfigError(
+                f"this device holds only heads up to {self.graph.cuts[self.deepest].name!r} "
+                f"({self.source}): it cannot run the whole model"
+            )
+        with torch.no_grad():
+            out: torch.Tensor = self.whole(x)
+        return out
+
+    def first_cut(self) -> str:
+        """The shallowest cut (``input``)."""
+        return self.graph.cuts[0].name if self.graph.cuts else INPUT
