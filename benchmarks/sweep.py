@@ -39,10 +39,11 @@ from edge.auto import calibrate_agreement
 from edge.client import EdgeClient, InferResult
 from splitnet.codecs import parse_codec
 from splitnet.data import Split, load_digits
+from splitnet.examples import example_input
 from splitnet.models import resolve
 from splitnet.partition import INPUT, OUTPUT
 from splitnet.planning import LinkEstimate, Planner, Prediction, measure_costs
-from splitnet.report import codec_accuracy, sample_input
+from splitnet.report import codec_accuracy
 
 COMPONENTS = [
     "edge_ms",
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         x_test = test_split.x
         calibration = data["val"].x
     else:
-        x_test = torch.cat([sample_input(spec.input_shape, seed=s) for s in range(4)])
+        x_test = torch.cat([example_input(spec, seed=s) for s in range(4)])
         calibration = None
     xs = [x_test[i % len(x_test) : i % len(x_test) + 1] for i in range(args.requests)]
 
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     accuracy[(r["cut"], r["codec"])] = r["accuracy"]
             table = measure_costs(
                 client.graph,
-                sample_input(spec.input_shape),
+                example_input(spec),
                 codecs,
                 {c.name: c.tail_latency_ms for c in info.cuts},
                 result_bytes=40 + sum(4 * math.prod(o.shape) + 16 for o in info.outputs),

@@ -18,9 +18,10 @@ import torch
 
 from splitnet.codecs import parse_codec
 from splitnet.errors import SplitNetError
+from splitnet.examples import example_input
 from splitnet.models import fingerprint, load_model, resolve, save_weights
 from splitnet.partition import trace
-from splitnet.report import codec_accuracy, cut_table, format_table, sample_input
+from splitnet.report import codec_accuracy, cut_table, format_table
 
 __all__ = ["main"]
 
@@ -184,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_cuts(args: argparse.Namespace) -> int:
     spec = resolve(args.model, args.input_shape)
     model = load_model(args.model, args.weights, input_shape=spec.input_shape)
-    x = sample_input(spec.input_shape)
+    x = example_input(spec)
     graph = trace(model, (x,))
     rows = cut_table(graph, x, args.codecs)
     if args.json:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,21 +92,50 @@ class ModelSpec:
     name: str  # as the user wrote it
     input_shape: tuple[int, ...]  # default example input, batch 1
     kind: str  # "builtin", "torchvision" or "callable"
+    # Makes example inputs, ``factory(shape, seed) -> tensor``; None: the kind's default
+    # (see ``splitnet.examples``).
+    example_factory: Callable[[tuple[int, ...], int], torch.Tensor] | None = None
+
+    def example_input(
+        self, input_shape: tuple[int, ...] | None = None, *, seed: int = 0
+    ) -> torch.Tensor:
+        """An example input of ``input_shape`` (default: this spec's); see ``splitnet.examples``."""
+        from splitnet.examples import example_input
+
+        return example_input(self, input_shape, seed=seed)
 
 
-def resolve(name: str, input_shape: tuple[int, ...] | None = None) -> ModelSpec:
-    """Check a model name and return its spec; ``ModelError`` says how to fix a bad one."""
+def resolve(
+    name: str,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    example_factory: Callable[[tuple[int, ...], int], torch.Tensor] | None = None,
+) -> ModelSpec:
+    """Check a model name and return its spec; ``ModelError`` says how to fix a bad one.
+
+    ``example_factory`` overrides how example inputs are made (``ModelSpec.example_input``).
+    """
     if name == DIGITS_CNN:
-        return ModelSpec(name=name, input_shape=input_shape or (1, 1, 8, 8), kind="builtin")
+        return ModelSpec(
+            name=name,
+            input_shape=input_shape or (1, 1, 8, 8),
+            kind="builtin",
+            example_factory=example_factory,
+        )
     if name.startswith("torchvision:"):
         size = 299 if name.endswith("inception_v3") else 224
         return ModelSpec(
-            name=name, input_shape=input_shape or (1, 3, size, size), kind="torchvision"
+            name=name,
+            input_shape=input_shape or (1, 3, size, size),
+            kind="torchvision",
+            example_factory=example_factory,
         )
     if _CALLABLE_RE.match(name):
         if input_shape is None:
             raise ModelError(f"model {name!r} is your own: give its input shape (--input-shape)")
-        return ModelSpec(name=name, input_shape=input_shape, kind="callable")
+        return ModelSpec(
+            name=name, input_shape=input_shape, kind="callable", example_factory=example_factory
+        )
     raise ModelError(
         f"unknown model {name!r}: use digits-cnn, torchvision:NAME (e.g. torchvision:resnet18) "
         "or package.module:callable"
