@@ -14,7 +14,7 @@ import grpc
 import pytest
 from conftest import ServerThread
 
-from benchmarks.soak import Hostile, Reference, Server, faults, fuzz, load
+from benchmarks.soak import Hostile, Reference, Server, faults, fuzz, load, send_case
 
 RSS_GROWTH_BOUND_MIB = 64  # after warm-up, over the whole fuzz run
 
@@ -46,16 +46,14 @@ def test_fuzz_every_message_gets_a_proper_status(server: Server, ref: Reference)
 
 
 def test_oversized_and_garbage_streams_are_refused(server: Server, ref: Reference) -> None:
-    from benchmarks.soak import _send
-
     hostile = Hostile(ref, 1, 2 << 20)
     with grpc.insecure_channel(server.address) as channel:
-        assert _send(channel, hostile.oversized())[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert send_case(channel, hostile.oversized())[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
         case = hostile.stream_garbage()
         case.data = [b"\xff\xff\xff\xff"]  # not a StreamRequest at all
-        assert _send(channel, case)[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert send_case(channel, case)[0] == grpc.StatusCode.INVALID_ARGUMENT
         case.data = [b"\x0a\x05\xff\xff\xff\xff\xff"]  # a request field that does not parse
-        assert _send(channel, case)[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert send_case(channel, case)[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert server.alive
 
 
