@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--input-shape", type=parse_shape, default=None)
+    t.add_argument(
+        "--native",
+        action="store_true",
+        help="train in this process with this CPU's fastest kernels: the same weights only "
+        "on the same machine and torch build (default: the same on any x86-64 machine)",
+    )
 
     e = sub.add_parser("eval", help="test accuracy, whole or per cut and codec")
     e.add_argument("model")
@@ -113,7 +119,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from splitnet.training import TrainConfig, train_digits
+    from splitnet.training import TrainConfig, train_digits, train_portable
 
     spec = resolve(args.model, args.input_shape)
     if spec.input_shape[1:] != (1, 8, 8):
@@ -121,19 +127,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{args.model} takes input {spec.input_shape}; training uses the 1x8x8 digits data "
             "(give --input-shape 1,1,8,8 for your own digits model)"
         )
-    model = load_model(args.model, input_shape=spec.input_shape).train()
+    config = TrainConfig(epochs=args.epochs, seed=args.seed)
     with tqdm(total=args.epochs, desc="train", unit="epoch", file=sys.stderr) as bar:
 
         def progress(epoch: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
 
-        result = train_digits(
-            model, TrainConfig(epochs=args.epochs, seed=args.seed), progress=progress
-        )
-    save_weights(model, args.out)
+        if args.native:
+            model = load_model(args.model, input_shape=spec.input_shape).train()
+            result: dict[str, Any] = dict(train_digits(model, config, progress=progress))
+            save_weights(model, args.out)
+            result["fingerprint"] = fingerprint(model)
+        else:
+            result = dict(
+                train_portable(
+                    args.model, args.out, config, input_shape=spec.input_shape, progress=progress
+                )
+            )
     print(f"test accuracy {result['test']:.2%} (validation {result['val']:.2%})")
-    print(f"saved {args.out} (fingerprint {fingerprint(model)[:16]})")
+    print(f"saved {args.out} (fingerprint {str(result['fingerprint'])[:16]})")
     return 0
 
 

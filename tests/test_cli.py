@@ -61,9 +61,17 @@ def test_eval_whole_and_per_cut(digits_weights: Path) -> None:
 
 
 def test_train_writes_weights(tmp_path: Path) -> None:
-    out = run("train", "digits-cnn", "--out", str(tmp_path / "w.safetensors"), "--epochs", "1")
-    assert out.returncode == 0, out.stderr
-    assert "test accuracy" in out.stdout and (tmp_path / "w.safetensors").stat().st_size > 1000
+    prints = []
+    for mode in ([], ["--native"]):  # portable (a child process) and in this process
+        path = tmp_path / f"w{len(prints)}.safetensors"
+        out = run("train", "digits-cnn", "--out", str(path), "--epochs", "1", *mode)
+        assert out.returncode == 0, out.stderr
+        assert "test accuracy" in out.stdout and path.stat().st_size > 1000
+        printed = out.stdout.split("(fingerprint ")[1].split(")")[0]
+        from splitnet.models import fingerprint, load_model
+
+        assert fingerprint(load_model("digits-cnn", path)).startswith(printed)
+        prints.append(printed)
 
 
 @pytest.mark.parametrize(
