@@ -1,8 +1,9 @@
-"""The ``splitnet`` command: train, eval and cuts.
+"""The ``splitnet`` command: train, eval, cuts and certs.
 
 splitnet train digits-cnn --out digits.safetensors
 splitnet eval digits-cnn --weights digits.safetensors [--codecs raw,int8+zstd:1]
 splitnet cuts torchvision:resnet18 [--codecs ...] [--json]
+splitnet certs --out certs/ [--force]
 """
 
 from __future__ import annotations
@@ -16,16 +17,25 @@ from typing import Any
 
 import torch
 
+from splitnet import __version__
 from splitnet.codecs import parse_codec
 from splitnet.errors import SplitNetError
 from splitnet.examples import example_input
-from splitnet.models import fingerprint, load_model, resolve, save_weights
+from splitnet.models import fingerprint, load_model, resolve, save_weights, untrained_warning
 from splitnet.partition import trace
 from splitnet.report import codec_accuracy, cut_table, format_table
 
 __all__ = ["main"]
 
 DEFAULT_CODECS = "raw,zstd:1,fp16,int8,int8+zstd:1"
+DESCRIPTION = "Train, evaluate and inspect models for split inference, and make test certificates."
+EPILOG = """examples:
+  splitnet train digits-cnn --out digits.safetensors
+  splitnet eval digits-cnn --weights digits.safetensors --codecs raw,int8+zstd:1
+  splitnet cuts torchvision:resnet18 --json
+  splitnet certs --out certs/
+
+The halves run with splitnet-cloud (the server) and splitnet-edge (the device)."""
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -51,9 +61,15 @@ def parse_codecs(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    p = argparse.ArgumentParser(prog="splitnet", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="splitnet",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"splitnet {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,cuts,certs}")
 
     t = sub.add_parser("train", help="train a model on the digits data set")
     t.add_argument("model", help="digits-cnn, or your own package.module:callable")
@@ -70,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="test accuracy, whole or per cut and codec")
     e.add_argument("model")
-    e.add_argument("--weights", required=True, help="a .safetensors file from `splitnet train`")
+    e.add_argument("--weights", required=True, help="a .safetensors file from splitnet train")
     e.add_argument(
         "--codecs",
         type=parse_codecs,
@@ -101,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="names and addresses the server certificate is valid for",
     )
     k.add_argument("--days", type=int, default=365)
+    k.add_argument(
+        "--force", action="store_true", help="replace certificates and keys already in --out"
+    )
     return p
 
 
@@ -108,7 +127,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from splitnet.certs import make_certs
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    paths = make_certs(args.out, hosts=hosts, days=args.days)
+    paths = make_certs(args.out, hosts=hosts, days=args.days, overwrite=args.force)
     print(
         f"wrote {paths.ca}, {paths.server_cert} (+ key, valid for {', '.join(hosts)}) and "
         f"{paths.client_cert} (+ key), valid {args.days} days"
@@ -195,8 +214,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_untrained(command: str, model: str, weights: str | None) -> None:
+    """Say on stderr, in one line, that ``model`` runs untrained (if it does)."""
+    message = untrained_warning(model, weights)
+    if message is not None:
+        print(f"splitnet {command}: warning: {message}", file=sys.stderr)
+
+
 def cmd_cuts(args: argparse.Namespace) -> int:
     spec = resolve(args.model, args.input_shape)
+    warn_untrained("cuts", args.model, args.weights)
     model = load_model(args.model, args.weights, input_shape=spec.input_shape)
     x = example_input(spec)
     graph = trace(model, (x,))

@@ -29,10 +29,12 @@ __all__ = [
     "DigitsCNN",
     "ModelSpec",
     "fingerprint",
+    "is_trained",
     "load_model",
     "load_weights",
     "resolve",
     "save_weights",
+    "untrained_warning",
 ]
 
 DIGITS_CNN = "digits-cnn"
@@ -139,6 +141,33 @@ def resolve(
     raise ModelError(
         f"unknown model {name!r}: use digits-cnn, torchvision:NAME (e.g. torchvision:resnet18) "
         "or package.module:callable"
+    )
+
+
+def is_trained(name: str, weights: str | Path | None) -> bool:
+    """Whether ``name`` loaded with ``weights`` has trained weights, as far as splitnet knows.
+
+    Built-in and torchvision models without a weights file have their seeded random
+    initial weights (nothing is ever downloaded). Your own callable decides its weights
+    itself, so it counts as trained.
+    """
+    if weights is not None:
+        return True
+    return resolve(name, (1,)).kind == "callable"  # the shape is irrelevant here
+
+
+def untrained_warning(name: str, weights: str | Path | None) -> str | None:
+    """One line to show a user who runs ``name`` without weights; None if it is trained."""
+    if is_trained(name, weights):
+        return None
+    if name == DIGITS_CNN:
+        return (
+            f"{name} has no weights: it is untrained and its answers are noise; train it "
+            f"(splitnet train {name} --out W.safetensors) and pass the file"
+        )
+    return (
+        f"{name} has no weights: it runs with random initial weights (splitnet never "
+        "downloads any), so its answers are noise; pass a weights file for real outputs"
     )
 
 

@@ -177,3 +177,17 @@ def test_torchvision_needs_no_scikit_learn() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "traced without scikit-learn" in done.stdout
+
+
+def test_is_trained_and_the_warning(tmp_path: Path) -> None:
+    from splitnet.models import is_trained, untrained_warning
+
+    assert not is_trained("digits-cnn", None)
+    assert not is_trained("torchvision:resnet18", None)
+    assert is_trained("digits-cnn", tmp_path / "w.safetensors")
+    assert is_trained("zoo:Chain", None)  # your own callable loads its own weights
+    assert "untrained" in (untrained_warning("digits-cnn", None) or "")
+    assert "random initial weights" in (untrained_warning("torchvision:resnet18", None) or "")
+    assert untrained_warning("digits-cnn", "w.safetensors") is None
+    with pytest.raises(ModelError):
+        is_trained("nope", None)
