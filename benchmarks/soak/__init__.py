@@ -16,6 +16,9 @@ with real gRPC clients:
   lost.
 - **faults**: the server is SIGKILLed under load and restarted on the same port; each
   request must end correct, or with a clear error, or in a marked local fallback.
+- **stall**: many unauthenticated streams announce a large chunked frontier, send part
+  of it and stall; resident memory (before, peak, after) against the server's budget,
+  and a legitimate client's answers meanwhile.
 - **auth**: no token, a wrong token, a client certificate from another CA and an
   expired one are each refused by a token + mTLS server; the right ones pass.
 
@@ -23,7 +26,8 @@ with real gRPC clients:
 ``tests/test_reliability.py`` runs short versions of the same functions.
 
 Modules, one part each: ``server`` (the subprocess), ``reference`` (the local model and
-valid requests), ``cases`` (hostile messages), ``fuzz``, ``load``, ``faults``, ``auth``,
+valid requests), ``cases`` (hostile messages), ``fuzz``, ``load``, ``faults``, ``stall``,
+``auth``,
 and ``report`` (the command: runs them long, prints the table, writes JSON).
 """
 
@@ -35,6 +39,7 @@ from benchmarks.soak.load import LoadReport, edge_client, load
 from benchmarks.soak.reference import MIX, MODEL, SERVICE, TOLERANCE, Reference, tolerance
 from benchmarks.soak.report import main
 from benchmarks.soak.server import Server
+from benchmarks.soak.stall import StallReport, stall
 
 __all__ = [
     "MIX",
@@ -51,6 +56,7 @@ __all__ = [
     "LoadReport",
     "Reference",
     "Server",
+    "StallReport",
     "auth",
     "edge_client",
     "faults",
@@ -58,6 +64,7 @@ __all__ = [
     "load",
     "main",
     "send_case",
+    "stall",
     "stream_message",
     "tolerance",
 ]
