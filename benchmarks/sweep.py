@@ -425,17 +425,18 @@ def print_summary(summary: list[dict[str, Any]], slowdown: float) -> None:
     """Per link: the choice against the measured best, and the prediction error."""
     note = f" (edge slowed {slowdown:g}x, emulated)" if slowdown > 1 else ""
     print(f"per link{note}: planner choice vs the measured best")
+    width = max((len(s["link"]) for s in summary), default=6)
     for s in summary:
         speed = s["speedup_vs_best_baseline"]
         speed_text = f"speedup vs best baseline {speed:.2f}x" if speed else ""
         print(
-            f"  {s['link']:<6} choice {s['choice']:<28} {s['choice_measured_ms']:9.2f} ms  "
+            f"  {s['link']:<{width}} choice {s['choice']:<28} {s['choice_measured_ms']:9.2f} ms  "
             f"best {s['best']:<28} {s['best_measured_ms']:9.2f} ms  regret {s['regret']:.2f}  "
             f"{speed_text}"
         )
         base = ", ".join(f"{k} {100 * v:+.1f}%" for k, v in s["baseline_prediction_errors"].items())
         print(
-            f"         pred err median {_pct(s['prediction_error_median'])} "
+            f"  {'':<{width}} pred err median {_pct(s['prediction_error_median'])} "
             f"max {_pct(s['prediction_error_max'])} ({s['prediction_error_worst']}) over "
             f"{s['prediction_errors_scored']} measured pairs; baselines: {base or 'none measured'}"
         )

@@ -6,7 +6,7 @@ printed horizontally and stays readable for resnet18's 70 cuts or more.
 - ``latency_plot``: for each cut, the codec predicted fastest at that cut, as a bar
   stacked by predicted component; the codec's name at the end of the bar; measured
   p50 as a black dot where the pair was measured; the planner's choice outlined in
-  red, its name in bold and marked "planner's choice".
+  red, its cut name in bold red, and named in the title.
 - ``bytes_plot``: bytes sent up per request against the cut, one line per codec. It
   does not depend on the link, so a sweep draws it once per model.
 """
@@ -99,17 +99,6 @@ def latency_plot(rows: list[dict[str, Any]], link: str, path: Path, slowdown: fl
             zorder=5,
             label="planner's choice",
         )
-        ax.annotate(
-            f"planner's choice: {chosen['cut']} {chosen['codec']}",
-            xy=(min(totals[y], limit), y),
-            xytext=(
-                min(min(totals[y], limit) + 0.15 * limit, 0.7 * limit),
-                y + (2.5 if y < len(cuts) - 4 else -2.5),
-            ),
-            fontsize=7,
-            color="red",
-            arrowprops={"arrowstyle": "->", "color": "red"},
-        )
     ax.set_yticks(list(ys))
     ax.set_yticklabels(cuts, fontsize=6.5)
     if chosen is not None:
@@ -120,8 +109,10 @@ def latency_plot(rows: list[dict[str, Any]], link: str, path: Path, slowdown: fl
     ax.set_xlim(0, limit * 1.12)
     ax.set_xlabel("latency per request (ms): bars predicted, dots measured")
     note = f", edge slowed {slowdown:g}x (emulated)" if slowdown > 1 else ""
+    pick = f"\nplanner's choice (red): {chosen['cut']} {chosen['codec']}" if chosen else ""
     ax.set_title(
-        f"{mine[0]['model']} on {link}: latency by cut, fastest predicted codec per cut{note}",
+        f"{mine[0]['model']} on {link}: latency by cut, fastest predicted codec per cut"
+        f"{note}{pick}",
         fontsize=9,
     )
     ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
