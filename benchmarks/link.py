@@ -45,6 +45,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+__all__ = ["Link", "LinkProfile", "LinkRelay", "Wire", "load_profiles", "parse_link"]
+
 logger = logging.getLogger(__name__)
 
 PROFILES_PATH = Path(__file__).with_name("links.json")
@@ -218,8 +220,12 @@ def parse_link(text: str, profiles: Mapping[str, LinkProfile] | None = None) -> 
     raise ValueError(f"unknown link {text!r}: expected a profile name ({names}); {_ACCEPTED}")
 
 
-class _Wire:
-    """One direction's shared FIFO wire: when it is next free, and its current link."""
+class Wire:
+    """One direction's shared FIFO wire: when it is next free, and its current link.
+
+    The whole timing model of the relay lives here, as arithmetic on the times it is
+    given (the relay passes its loop's clock), so it can be checked without real time.
+    """
 
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -276,8 +282,8 @@ class LinkRelay:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"upstream must be 'host:port', got {upstream!r}")
         self._upstream = (host.strip("[]"), int(port))
-        self._up = _Wire(up)
-        self._down = _Wire(down)
+        self._up = Wire(up)
+        self._down = Wire(down)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -285,7 +291,7 @@ class LinkRelay:
         self._error: BaseException | None = None
         self._port = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._channels: dict[_Channel, _Wire] = {}
+        self._channels: dict[_Channel, Wire] = {}
         self.bytes_up = 0  # bytes handed to the upstream socket (client -> upstream)
         self.bytes_down = 0  # bytes handed to the client socket (upstream -> client)
         self.connections = 0  # connections accepted so far
@@ -459,7 +465,7 @@ class LinkRelay:
             logger.debug("link relay: %s done", peer)
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wire: _Wire, up: bool
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wire: Wire, up: bool
     ) -> None:
         channel = _Channel()
         self._channels[channel] = wire
@@ -470,7 +476,7 @@ class LinkRelay:
         finally:
             del self._channels[channel]
 
-    async def _read(self, reader: asyncio.StreamReader, channel: _Channel, wire: _Wire) -> None:
+    async def _read(self, reader: asyncio.StreamReader, channel: _Channel, wire: Wire) -> None:
         loop = asyncio.get_running_loop()
         while True:
             # Backpressure 1: the shared wire holds too much not-yet-departed data.

@@ -13,8 +13,10 @@ the rest that can finish within ``--max-request-s``. Pairs only predicted are ma
 latency, the measured best and the regret (choice / best).
 
 Output in --out: sweep.csv and sweep.json (one row per link x cut x codec), summary.json
-(one entry per link), and per link a PNG of latency against cut, stacked by component
-(predicted, with measured totals as dots), and one of bytes against cut.
+(one entry per link, with the prediction error of every measured pair, and its median
+and maximum), per link ``latency-LINK.png`` (see benchmarks.sweep_plots) and one
+``bytes.png`` per model. Link names are kept as given in the CSV and JSON; in file names
+they are made safe (``10mbit/40ms`` -> ``latency-10mbit_40ms.png``).
 """
 
 from __future__ import annotations
@@ -35,25 +37,16 @@ from typing import Any
 import torch
 
 from benchmarks.link import LinkProfile, LinkRelay, load_profiles, parse_link
+from benchmarks.sweep_plots import bytes_plot, latency_plot
 from edge.auto import calibrate_agreement
 from edge.client import EdgeClient, InferResult
 from splitnet.codecs import parse_codec
 from splitnet.data import Split, load_digits
+from splitnet.examples import example_input
 from splitnet.models import resolve
 from splitnet.partition import INPUT, OUTPUT
 from splitnet.planning import LinkEstimate, Planner, Prediction, measure_costs
-from splitnet.report import codec_accuracy, sample_input
-
-COMPONENTS = [
-    "edge_ms",
-    "encode_ms",
-    "up_ms",
-    "rtt_ms",
-    "queue_ms",
-    "decode_ms",
-    "cloud_ms",
-    "down_ms",
-]
+from splitnet.report import codec_accuracy
 
 
 class CloudProcess:
@@ -136,64 +129,6 @@ def summarize(results: list[InferResult]) -> dict[str, float]:
     return med
 
 
-def plot(rows: list[dict[str, Any]], link: str, out: Path, slowdown: float) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mine = sorted((r for r in rows if r["link"] == link), key=lambda r: r["cut_index"])
-    cuts = list(dict.fromkeys(r["cut"] for r in mine))  # in execution order
-    # Per cut, the codec predicted fastest at that cut.
-    best: dict[str, dict[str, Any]] = {}
-    for r in mine:
-        if r["cut"] not in best or r["predicted_ms"] < best[r["cut"]]["predicted_ms"]:
-            best[r["cut"]] = r
-    fig, ax = plt.subplots(figsize=(max(8, len(cuts) * 0.18), 4.5))
-    bottom = [0.0] * len(cuts)
-    for comp in COMPONENTS:
-        vals = [best[c][f"pred_{comp}"] for c in cuts]
-        ax.bar(range(len(cuts)), vals, bottom=bottom, label=comp.removesuffix("_ms"))
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    xs = [i for i, c in enumerate(cuts) if best[c]["measured"]]
-    ax.scatter(
-        xs,
-        [best[cuts[i]]["measured_p50_ms"] for i in xs],
-        color="black",
-        zorder=3,
-        s=12,
-        label="measured p50",
-    )
-    ax.set_xticks(range(len(cuts)))
-    ax.set_xticklabels(cuts, rotation=90, fontsize=6)
-    ax.set_ylabel("latency (ms)")
-    top = sorted(bottom)[len(bottom) // 2] * 3  # keep the interesting range readable
-    ax.set_ylim(0, max(top, max(bottom) if max(bottom) < top * 2 else top))
-    note = f", edge slowed {slowdown:g}x (emulated)" if slowdown > 1 else ""
-    ax.set_title(f"{mine[0]['model']} on {link}: latency by cut (best codec per cut){note}")
-    ax.legend(fontsize=6, ncol=3)
-    fig.tight_layout()
-    lat = out / f"latency-{link}.png"
-    fig.savefig(lat, dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(max(8, len(cuts) * 0.18), 4))
-    for codec in dict.fromkeys(r["codec"] for r in mine if r["cut"] != OUTPUT):
-        pts = [(cuts.index(r["cut"]), r["bytes_up"]) for r in mine if r["codec"] == codec]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=codec)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(cuts)))
-    ax.set_xticklabels(cuts, rotation=90, fontsize=6)
-    ax.set_ylabel("bytes sent per request (log)")
-    ax.set_title(f"{mine[0]['model']}: bytes crossing each cut")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    size = out / f"bytes-{link}.png"
-    fig.savefig(size, dpi=110)
-    plt.close(fig)
-    return [lat, size]
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -209,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         x_test = test_split.x
         calibration = data["val"].x
     else:
-        x_test = torch.cat([sample_input(spec.input_shape, seed=s) for s in range(4)])
+        x_test = torch.cat([example_input(spec, seed=s) for s in range(4)])
         calibration = None
     xs = [x_test[i % len(x_test) : i % len(x_test) + 1] for i in range(args.requests)]
 
@@ -242,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     accuracy[(r["cut"], r["codec"])] = r["accuracy"]
             table = measure_costs(
                 client.graph,
-                sample_input(spec.input_shape),
+                example_input(spec),
                 codecs,
                 {c.name: c.tail_latency_ms for c in info.cuts},
                 result_bytes=40 + sum(4 * math.prod(o.shape) + 16 for o in info.outputs),
@@ -304,8 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cloud.stop()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_outputs(rows, summary, out, args)
-    return {"rows": rows, "summary": summary}
+    pictures = write_outputs(rows, summary, out, args)
+    return {"rows": rows, "summary": summary, "pictures": pictures}
 
 
 def calibrate(
@@ -373,17 +308,91 @@ def link_summary(
     }
 
 
+BASELINES = {
+    (OUTPUT, "none"): "all_edge",
+    (INPUT, "raw"): "all_cloud_raw",
+    (INPUT, "zstd:1"): "all_cloud_zstd",
+}
+
+
+def file_safe(name: str) -> str:
+    """A link name as part of a file name: ``5.85mbit:20mbit/60ms`` -> ``5.85mbit-20mbit_60ms``.
+
+    ``/`` becomes ``_``, ``:`` becomes ``-``, anything else outside ``[A-Za-z0-9._-]``
+    becomes ``_``; a leading dot is dropped (no hidden files, no ``..``).
+    """
+    out = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._-") else "-" if c == ":" else "_" for c in name
+    )
+    return out.lstrip(".") or "link"
+
+
+def file_names(links: list[str]) -> dict[str, str]:
+    """A distinct, safe file-name part per link name (``-2``, ``-3``... on a clash)."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for link in links:
+        base = stem = file_safe(link)
+        n = 1
+        while stem.lower() in taken:
+            n += 1
+            stem = f"{base}-{n}"
+        taken.add(stem.lower())
+        names[link] = stem
+    return names
+
+
+def prediction_errors(rows: list[dict[str, Any]], link: str) -> dict[str, Any]:
+    """Prediction error of every measured pair on ``link``, and their median and maximum.
+
+    The error of a pair is (predicted - measured p50) / measured p50; the median and
+    maximum are of its absolute value, over every measured pair but the calibration
+    pairs (their predictions are fitted to those very measurements). Baselines are
+    pairs like any other: all in the cloud is scored; all on the device calibrates the
+    edge side, so it is listed with its (fitted) error but not scored.
+    """
+    pairs = [
+        {
+            "cut": r["cut"],
+            "codec": r["codec"],
+            "predicted_ms": r["predicted_ms"],
+            "measured_ms": r["measured_p50_ms"],
+            "error": (r["predicted_ms"] - r["measured_p50_ms"]) / r["measured_p50_ms"],
+            "baseline": BASELINES.get((r["cut"], r["codec"])),
+            "calibration": r["calibration"],
+            "planner_choice": r["planner_choice"],
+        }
+        for r in rows
+        if r["link"] == link and r["measured"]
+    ]
+    scored = [p for p in pairs if not p["calibration"]]
+    worst = max(scored, key=lambda p: abs(p["error"]), default=None)
+    return {
+        "prediction_error_median": (
+            statistics.median(abs(p["error"]) for p in scored) if scored else None
+        ),
+        "prediction_error_max": abs(worst["error"]) if worst else None,
+        "prediction_error_worst": f"{worst['cut']} {worst['codec']}" if worst else None,
+        "prediction_errors_scored": len(scored),
+        "baseline_prediction_errors": {
+            p["baseline"]: p["error"] for p in pairs if p["baseline"] is not None
+        },
+        "prediction_errors": pairs,
+    }
+
+
 def write_outputs(
     rows: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path, args: argparse.Namespace
-) -> None:
-    # Prediction error per link, over the measured pairs.
+) -> list[Path]:
+    """Write the CSV, JSON, summary and pictures; returns the pictures' paths.
+
+    Link names stay as given in every CSV and JSON field; only file names use
+    ``file_names`` (each link's ``latency_png`` in the summary says which file is its).
+    """
+    stems = file_names([s["link"] for s in summary])
     for s in summary:
-        errs = [
-            abs(r["predicted_ms"] - r["measured_p50_ms"]) / r["measured_p50_ms"]
-            for r in rows
-            if r["link"] == s["link"] and r["measured"] and not r["calibration"]
-        ]
-        s["prediction_error_median"] = statistics.median(errs) if errs else None
+        s.update(prediction_errors(rows, s["link"]))
+        s["latency_png"] = f"latency-{stems[s['link']]}.png"
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -397,25 +406,39 @@ def write_outputs(
         "factor": args.factor,
         "sample": args.sample,
         "codecs": args.codecs,
+        "bytes_png": "bytes.png",
     }
     (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "summary.json").write_text(json.dumps({"meta": meta, "links": summary}, indent=1))
-    for s in summary:
-        plot(rows, s["link"], out, args.edge_slowdown)
+    pictures = [
+        latency_plot(rows, s["link"], out / s["latency_png"], args.edge_slowdown) for s in summary
+    ]
+    pictures.append(bytes_plot(rows, out / "bytes.png"))
+    return pictures
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.1f}%" if x is not None else "n/a"
 
 
 def print_summary(summary: list[dict[str, Any]], slowdown: float) -> None:
+    """Per link: the choice against the measured best, and the prediction error."""
     note = f" (edge slowed {slowdown:g}x, emulated)" if slowdown > 1 else ""
     print(f"per link{note}: planner choice vs the measured best")
+    width = max((len(s["link"]) for s in summary), default=6)
     for s in summary:
-        err = s["prediction_error_median"]
         speed = s["speedup_vs_best_baseline"]
-        err_text = f"pred err {100 * err:.1f}%" if err is not None else "pred err n/a"
         speed_text = f"speedup vs best baseline {speed:.2f}x" if speed else ""
         print(
-            f"  {s['link']:<6} choice {s['choice']:<28} {s['choice_measured_ms']:9.2f} ms  "
+            f"  {s['link']:<{width}} choice {s['choice']:<28} {s['choice_measured_ms']:9.2f} ms  "
             f"best {s['best']:<28} {s['best_measured_ms']:9.2f} ms  regret {s['regret']:.2f}  "
-            f"{err_text}  {speed_text}"
+            f"{speed_text}"
+        )
+        base = ", ".join(f"{k} {100 * v:+.1f}%" for k, v in s["baseline_prediction_errors"].items())
+        print(
+            f"  {'':<{width}} pred err median {_pct(s['prediction_error_median'])} "
+            f"max {_pct(s['prediction_error_max'])} ({s['prediction_error_worst']}) over "
+            f"{s['prediction_errors_scored']} measured pairs; baselines: {base or 'none measured'}"
         )
 
 

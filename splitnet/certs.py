@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Any
 
 from splitnet.errors import SplitNetError
 
-__all__ = ["CertPaths", "make_certs"]
+__all__ = ["FILES", "CertPaths", "make_certs"]
+
+FILES = ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")
 
 
 @dataclass(frozen=True)
@@ -52,14 +55,25 @@ def make_certs(
     prefix: str = "",
     not_before: dt.datetime | None = None,
     ca: CertPaths | None = None,
+    overwrite: bool = False,
 ) -> CertPaths:
     """Write a CA, a server certificate for ``hosts`` and a client certificate to ``out``.
 
     ``days`` may be negative (with ``not_before`` in the past) to make an expired set for
-    tests. ``ca`` reuses an existing CA instead of making a new one.
+    tests. ``ca`` reuses an existing CA instead of making a new one. Files already in
+    ``out`` (a CA key above all: every certificate it signed trusts it) are never
+    replaced unless ``overwrite``; ``SplitNetError`` names them. Keys are created
+    readable by their owner only.
     """
     x509, hashes, serialization, ec, eku, name_oid = _crypto()
     out = Path(out)
+    existing = [f for f in FILES if (out / f).exists()]
+    if existing and not overwrite:
+        raise SplitNetError(
+            f"{str(out)!r} already holds {', '.join(existing)}: refusing to overwrite "
+            "(a new CA key would stop every certificate the old one signed from working); "
+            "choose another --out, or pass --force to replace them"
+        )
     out.mkdir(parents=True, exist_ok=True)
     start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     end = start + dt.timedelta(days=days) if days > 0 else start + dt.timedelta(minutes=1)
@@ -114,9 +128,13 @@ def make_certs(
     client_cert, client_key = leaf("splitnet edge", eku.CLIENT_AUTH, None)
 
     def write(path: Path, data: bytes, secret: bool = False) -> Path:
-        path.write_bytes(data)
-        if secret:
-            path.chmod(0o600)
+        if secret:  # never readable by others, not even for a moment
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        else:
+            path.write_bytes(data)
         return path
 
     pem = serialization.Encoding.PEM

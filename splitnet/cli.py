@@ -1,8 +1,9 @@
-"""The ``splitnet`` command: train, eval and cuts.
+"""The ``splitnet`` command: train, eval, cuts and certs.
 
 splitnet train digits-cnn --out digits.safetensors
 splitnet eval digits-cnn --weights digits.safetensors [--codecs raw,int8+zstd:1]
 splitnet cuts torchvision:resnet18 [--codecs ...] [--json]
+splitnet certs --out certs/ [--force]
 """
 
 from __future__ import annotations
@@ -16,15 +17,25 @@ from typing import Any
 
 import torch
 
+from splitnet import __version__
 from splitnet.codecs import parse_codec
 from splitnet.errors import SplitNetError
-from splitnet.models import fingerprint, load_model, resolve, save_weights
+from splitnet.examples import example_input
+from splitnet.models import fingerprint, load_model, resolve, save_weights, untrained_warning
 from splitnet.partition import trace
-from splitnet.report import codec_accuracy, cut_table, format_table, sample_input
+from splitnet.report import codec_accuracy, cut_table, format_table
 
 __all__ = ["main"]
 
 DEFAULT_CODECS = "raw,zstd:1,fp16,int8,int8+zstd:1"
+DESCRIPTION = "Train, evaluate and inspect models for split inference, and make test certificates."
+EPILOG = """examples:
+  splitnet train digits-cnn --out digits.safetensors
+  splitnet eval digits-cnn --weights digits.safetensors --codecs raw,int8+zstd:1
+  splitnet cuts torchvision:resnet18 --json
+  splitnet certs --out certs/
+
+The halves run with splitnet-cloud (the server) and splitnet-edge (the device)."""
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -50,9 +61,15 @@ def parse_codecs(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    p = argparse.ArgumentParser(prog="splitnet", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="splitnet",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"splitnet {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,cuts,certs}")
 
     t = sub.add_parser("train", help="train a model on the digits data set")
     t.add_argument("model", help="digits-cnn, or your own package.module:callable")
@@ -60,10 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--input-shape", type=parse_shape, default=None)
+    t.add_argument(
+        "--native",
+        action="store_true",
+        help="train in this process with this CPU's fastest kernels: the same weights only "
+        "on the same machine and torch build (default: the same on any x86-64 machine)",
+    )
 
     e = sub.add_parser("eval", help="test accuracy, whole or per cut and codec")
     e.add_argument("model")
-    e.add_argument("--weights", required=True, help="a .safetensors file from `splitnet train`")
+    e.add_argument("--weights", required=True, help="a .safetensors file from splitnet train")
     e.add_argument(
         "--codecs",
         type=parse_codecs,
@@ -94,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="names and addresses the server certificate is valid for",
     )
     k.add_argument("--days", type=int, default=365)
+    k.add_argument(
+        "--force", action="store_true", help="replace certificates and keys already in --out"
+    )
     return p
 
 
@@ -101,7 +127,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from splitnet.certs import make_certs
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    paths = make_certs(args.out, hosts=hosts, days=args.days)
+    paths = make_certs(args.out, hosts=hosts, days=args.days, overwrite=args.force)
     print(
         f"wrote {paths.ca}, {paths.server_cert} (+ key, valid for {', '.join(hosts)}) and "
         f"{paths.client_cert} (+ key), valid {args.days} days"
@@ -112,7 +138,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from splitnet.training import TrainConfig, train_digits
+    from splitnet.training import TrainConfig, train_digits, train_portable
 
     spec = resolve(args.model, args.input_shape)
     if spec.input_shape[1:] != (1, 8, 8):
@@ -120,19 +146,26 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{args.model} takes input {spec.input_shape}; training uses the 1x8x8 digits data "
             "(give --input-shape 1,1,8,8 for your own digits model)"
         )
-    model = load_model(args.model, input_shape=spec.input_shape).train()
+    config = TrainConfig(epochs=args.epochs, seed=args.seed)
     with tqdm(total=args.epochs, desc="train", unit="epoch", file=sys.stderr) as bar:
 
         def progress(epoch: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
 
-        result = train_digits(
-            model, TrainConfig(epochs=args.epochs, seed=args.seed), progress=progress
-        )
-    save_weights(model, args.out)
+        if args.native:
+            model = load_model(args.model, input_shape=spec.input_shape).train()
+            result: dict[str, Any] = dict(train_digits(model, config, progress=progress))
+            save_weights(model, args.out)
+            result["fingerprint"] = fingerprint(model)
+        else:
+            result = dict(
+                train_portable(
+                    args.model, args.out, config, input_shape=spec.input_shape, progress=progress
+                )
+            )
     print(f"test accuracy {result['test']:.2%} (validation {result['val']:.2%})")
-    print(f"saved {args.out} (fingerprint {fingerprint(model)[:16]})")
+    print(f"saved {args.out} (fingerprint {str(result['fingerprint'])[:16]})")
     return 0
 
 
@@ -181,10 +214,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_untrained(command: str, model: str, weights: str | None) -> None:
+    """Say on stderr, in one line, that ``model`` runs untrained (if it does)."""
+    message = untrained_warning(model, weights)
+    if message is not None:
+        print(f"splitnet {command}: warning: {message}", file=sys.stderr)
+
+
 def cmd_cuts(args: argparse.Namespace) -> int:
     spec = resolve(args.model, args.input_shape)
+    warn_untrained("cuts", args.model, args.weights)
     model = load_model(args.model, args.weights, input_shape=spec.input_shape)
-    x = sample_input(spec.input_shape)
+    x = example_input(spec)
     graph = trace(model, (x,))
     rows = cut_table(graph, x, args.codecs)
     if args.json:

@@ -13,7 +13,7 @@ import torch
 
 from splitnet.errors import SplitNetError
 
-__all__ = ["Split", "load_digits"]
+__all__ = ["Split", "digits_available", "load_digits"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,15 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.y)
+
+
+def digits_available() -> bool:
+    """Whether the digits set can be loaded (scikit-learn is installed and importable)."""
+    try:
+        import sklearn.datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def load_digits(seed: int = 0) -> dict[str, Split]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,12 @@ __all__ = [
     "DigitsCNN",
     "ModelSpec",
     "fingerprint",
+    "is_trained",
     "load_model",
     "load_weights",
     "resolve",
     "save_weights",
+    "untrained_warning",
 ]
 
 DIGITS_CNN = "digits-cnn"
@@ -91,24 +94,80 @@ class ModelSpec:
     name: str  # as the user wrote it
     input_shape: tuple[int, ...]  # default example input, batch 1
     kind: str  # "builtin", "torchvision" or "callable"
+    # Makes example inputs, ``factory(shape, seed) -> tensor``; None: the kind's default
+    # (see ``splitnet.examples``).
+    example_factory: Callable[[tuple[int, ...], int], torch.Tensor] | None = None
+
+    def example_input(
+        self, input_shape: tuple[int, ...] | None = None, *, seed: int = 0
+    ) -> torch.Tensor:
+        """An example input of ``input_shape`` (default: this spec's); see ``splitnet.examples``."""
+        from splitnet.examples import example_input
+
+        return example_input(self, input_shape, seed=seed)
 
 
-def resolve(name: str, input_shape: tuple[int, ...] | None = None) -> ModelSpec:
-    """Check a model name and return its spec; ``ModelError`` says how to fix a bad one."""
+def resolve(
+    name: str,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    example_factory: Callable[[tuple[int, ...], int], torch.Tensor] | None = None,
+) -> ModelSpec:
+    """Check a model name and return its spec; ``ModelError`` says how to fix a bad one.
+
+    ``example_factory`` overrides how example inputs are made (``ModelSpec.example_input``).
+    """
     if name == DIGITS_CNN:
-        return ModelSpec(name=name, input_shape=input_shape or (1, 1, 8, 8), kind="builtin")
+        return ModelSpec(
+            name=name,
+            input_shape=input_shape or (1, 1, 8, 8),
+            kind="builtin",
+            example_factory=example_factory,
+        )
     if name.startswith("torchvision:"):
         size = 299 if name.endswith("inception_v3") else 224
         return ModelSpec(
-            name=name, input_shape=input_shape or (1, 3, size, size), kind="torchvision"
+            name=name,
+            input_shape=input_shape or (1, 3, size, size),
+            kind="torchvision",
+            example_factory=example_factory,
         )
     if _CALLABLE_RE.match(name):
         if input_shape is None:
             raise ModelError(f"model {name!r} is your own: give its input shape (--input-shape)")
-        return ModelSpec(name=name, input_shape=input_shape, kind="callable")
+        return ModelSpec(
+            name=name, input_shape=input_shape, kind="callable", example_factory=example_factory
+        )
     raise ModelError(
         f"unknown model {name!r}: use digits-cnn, torchvision:NAME (e.g. torchvision:resnet18) "
         "or package.module:callable"
+    )
+
+
+def is_trained(name: str, weights: str | Path | None) -> bool:
+    """Whether ``name`` loaded with ``weights`` has trained weights, as far as splitnet knows.
+
+    Built-in and torchvision models without a weights file have their seeded random
+    initial weights (nothing is ever downloaded). Your own callable decides its weights
+    itself, so it counts as trained.
+    """
+    if weights is not None:
+        return True
+    return resolve(name, (1,)).kind == "callable"  # the shape is irrelevant here
+
+
+def untrained_warning(name: str, weights: str | Path | None) -> str | None:
+    """One line to show a user who runs ``name`` without weights; None if it is trained."""
+    if is_trained(name, weights):
+        return None
+    if name == DIGITS_CNN:
+        return (
+            f"{name} has no weights: it is untrained and its answers are noise; train it "
+            f"(splitnet train {name} --out W.safetensors) and pass the file"
+        )
+    return (
+        f"{name} has no weights: it runs with random initial weights (splitnet never "
+        "downloads any), so its answers are noise; pass a weights file for real outputs"
     )
 
 

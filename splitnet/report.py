@@ -10,6 +10,8 @@ from torch import nn
 
 from splitnet.codecs import decode, encode, parse_codec
 from splitnet.data import Split
+from splitnet.examples import example_input, synthetic_image
+from splitnet.models import DIGITS_CNN
 from splitnet.partition import Cut, SplitGraph
 from splitnet.training import predict
 
@@ -17,25 +19,18 @@ __all__ = ["codec_accuracy", "cut_table", "encoded_nbytes", "format_table", "sam
 
 
 def sample_input(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
-    """A real input of ``shape`` (N x C x H x W): a test digit, resized and repeated.
+    """An example input of ``shape``, guessed from the shape alone (kept for old callers).
 
-    Activations of a real image compress like real activations; random noise does not.
+    N x 1 x 8 x 8 gets real digits, other 4-D shapes a synthetic image, anything else a
+    seeded random tensor. Prefer ``splitnet.examples.example_input(spec_or_name,
+    input_shape)``, which asks the model spec and needs no scikit-learn for torchvision.
     """
-    from splitnet.data import load_digits
-
-    if len(shape) != 4:  # not an image: a seeded random tensor is all we can offer
-        return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
-    n, c, h, w = shape
-    test = load_digits(seed)["test"]
-    x = test.x[torch.arange(n) % len(test)]
-    if (h, w) != (8, 8):
-        x = nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-    x = x.repeat(1, c, 1, 1)
-    if c == 3:  # ImageNet normalisation, as torchvision models expect
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    return x.contiguous()
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 4 and shape[1:] == (1, 8, 8):
+        return example_input(DIGITS_CNN, shape, seed=seed)
+    if len(shape) == 4:
+        return synthetic_image(shape, seed=seed)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def encoded_nbytes(frontier: Sequence[torch.Tensor], codec: str) -> int:

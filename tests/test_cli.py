@@ -61,9 +61,17 @@ def test_eval_whole_and_per_cut(digits_weights: Path) -> None:
 
 
 def test_train_writes_weights(tmp_path: Path) -> None:
-    out = run("train", "digits-cnn", "--out", str(tmp_path / "w.safetensors"), "--epochs", "1")
-    assert out.returncode == 0, out.stderr
-    assert "test accuracy" in out.stdout and (tmp_path / "w.safetensors").stat().st_size > 1000
+    prints = []
+    for mode in ([], ["--native"]):  # portable (a child process) and in this process
+        path = tmp_path / f"w{len(prints)}.safetensors"
+        out = run("train", "digits-cnn", "--out", str(path), "--epochs", "1", *mode)
+        assert out.returncode == 0, out.stderr
+        assert "test accuracy" in out.stdout and path.stat().st_size > 1000
+        printed = out.stdout.split("(fingerprint ")[1].split(")")[0]
+        from splitnet.models import fingerprint, load_model
+
+        assert fingerprint(load_model("digits-cnn", path)).startswith(printed)
+        prints.append(printed)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +98,49 @@ def test_unknown_cut_lists_names(digits_weights: Path) -> None:
     )
     assert out.returncode == 2 and "valid cuts: input, stem.0" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_help_is_plain_and_complete() -> None:
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("train", "eval", "cuts", "certs"):
+        assert command in out.stdout
+    assert "``" not in out.stdout and "`" not in out.stdout  # no raw markup
+    for command in ("train", "eval", "cuts", "certs"):
+        sub = run(command, "--help")
+        assert sub.returncode == 0 and "`" not in sub.stdout, command
+    assert "--force" in run("certs", "--help").stdout
+
+
+def test_version() -> None:
+    import splitnet
+
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"splitnet {splitnet.__version__}"
+
+
+def test_certs_refuse_to_overwrite_without_force(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    first = run("certs", "--out", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    key = (tmp_path / "ca.key").read_bytes()
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0  # owner only
+    again = run("certs", "--out", str(tmp_path))
+    assert again.returncode == 2
+    assert "refusing to overwrite" in again.stderr and "--force" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
+    assert (tmp_path / "ca.key").read_bytes() == key  # untouched
+    forced = run("certs", "--out", str(tmp_path), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (tmp_path / "ca.key").read_bytes() != key
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+
+
+def test_cuts_warns_when_the_model_is_untrained(digits_weights: Path) -> None:
+    bare = run("cuts", "digits-cnn", "--json", "--codecs", "raw")
+    assert bare.returncode == 0
+    assert "warning: digits-cnn has no weights: it is untrained" in bare.stderr
+    trained = run(
+        "cuts", "digits-cnn", "--json", "--codecs", "raw", "--weights", str(digits_weights)
+    )
+    assert trained.returncode == 0 and "warning" not in trained.stderr

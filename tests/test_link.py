@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import threading
@@ -14,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from benchmarks.link import Link, LinkProfile, LinkRelay, load_profiles, parse_link
+from benchmarks.link import Link, LinkProfile, LinkRelay, Wire, load_profiles, parse_link
 
-TOLERANCE = 0.10  # relative: measured vs expected transfer time
+EPS = 1e-4  # seconds: float rounding between the relay's clock and ours, nothing more
 HEADER = struct.Struct("!I")  # the sink's framing: a 4-byte length, then that many bytes
 
 
@@ -73,6 +74,7 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
 def _connect(address: str) -> socket.socket:
     host, port = address.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)))
+    sock.settimeout(60)  # a hang fails the test instead of stalling the suite
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -174,7 +176,48 @@ def test_load_profiles_rejects_bad_files(tmp_path: Path) -> None:
     assert parse_link("x", load_profiles(path)).down == Link(2, 5)
 
 
-# --- the relay --------------------------------------------------------------------------
+# --- the timing model, on given times (no real clock) ---------------------------------
+
+
+def test_wire_schedule_is_the_link_model() -> None:
+    """Serialisation queues on the wire, propagation does not; a new link applies to
+    bytes read after the change."""
+    link = Link(8, 30)  # 1 MB/s: 1000 bytes take 1 ms
+    wire = Wire(link)
+    assert wire.send(1000, now=10.0) == pytest.approx(10.0 + 0.001 + 0.030)
+    # read while the first is still on the wire: it waits for the wire, then propagates
+    assert wire.send(1000, now=10.0005) == pytest.approx(10.0 + 0.002 + 0.030)
+    # read after the wire went idle: no queueing
+    assert wire.send(500, now=11.0) == pytest.approx(11.0 + 0.0005 + 0.030)
+    # end of stream arrives after the queued bytes, one delay later
+    assert wire.eof_time(now=11.0) == pytest.approx(11.0005 + 0.030)
+    wire.link = Link(16, 0)
+    assert wire.send(1000, now=12.0) == pytest.approx(12.0 + 0.0005)
+
+
+def test_one_wire_carries_two_connections_in_read_order() -> None:
+    """Chunks of two connections read alternately share the bandwidth: the last byte of
+    both leaves after the serialisation time of all bytes, as on one access link."""
+    wire = Wire(Link(8, 10))
+    chunk, done = 16 * 1024, []
+    for _ in range(20):  # connections A and B alternately, all read at t=0
+        done.append(wire.send(chunk, now=0.0))
+    assert max(done) == pytest.approx(Link(8, 10).bytes_time_s(20 * chunk) + 0.010)
+    a, b = done[0::2], done[1::2]
+    assert max(a) < max(b) and max(b) - max(a) == pytest.approx(Link(8, 0).bytes_time_s(chunk))
+
+
+def test_wire_limits_follow_the_rate() -> None:
+    slow, fast = Wire(Link(0.1, 10)), Wire(Link(1000, 10))
+    assert slow.chunk() == 1024 and fast.chunk() == 16 * 1024
+    assert slow.backlog_s() == pytest.approx(Link(0.1, 0).bytes_time_s(64 * 1024))
+    assert fast.backlog_s() == pytest.approx(0.05)
+
+
+# --- the relay in real time ----------------------------------------------------------
+# A busy machine can only add time, never remove it, so these assert what must hold at
+# any speed: the relay is never faster than its link. How close it comes on an idle
+# machine is printed (and measured by the benchmarks), not asserted.
 
 
 @pytest.mark.parametrize(
@@ -185,20 +228,17 @@ def test_load_profiles_rejects_bad_files(tmp_path: Path) -> None:
     ],
     ids=["bandwidth", "delay"],
 )
-def test_transfer_time_matches_the_link(
+def test_transfer_is_never_faster_than_the_link(
     sink: Sink, no_leaks: None, n: int, up: Link, down: Link
 ) -> None:
-    # A busy machine can only add time, never remove it: the best of a few round trips
-    # is the relay's own timing (one scheduler hiccup of 20 ms broke a single sample).
-    repeats = 3 if n < 100_000 else 1
     with LinkRelay(sink.address, up=up, down=down) as relay:
         with _connect(relay.address) as sock:
-            measured = min(_round_trip(sock, n) for _ in range(repeats))
+            times = [_round_trip(sock, n) for _ in range(2)]
         expected = _expected(n, up, down)
-        print(f"n={n} up={up} down={down}: expected {expected:.4f} s, measured {measured:.4f} s")
-        assert measured == pytest.approx(expected, rel=TOLERANCE)
-        assert relay.bytes_up == repeats * (HEADER.size + n)
-        assert relay.bytes_down == repeats
+        print(f"n={n} up={up} down={down}: expected {expected:.4f} s, measured {times}")
+        assert min(times) >= expected - EPS
+        assert relay.bytes_up == 2 * (HEADER.size + n)
+        assert relay.bytes_down == 2
 
 
 def test_set_links_while_running(sink: Sink, no_leaks: None) -> None:
@@ -211,39 +251,41 @@ def test_set_links_while_running(sink: Sink, no_leaks: None) -> None:
         assert relay.up == slow and relay.down == down
         t_slow = _round_trip(sock, n)
         relay.set_links(down=Link(100, 90))
-        t_far = min(_round_trip(sock, 1000) for _ in range(3))  # see above: best of 3
+        t_far = _round_trip(sock, 1000)
     print(f"fast {t_fast:.4f} s, slow {t_slow:.4f} s, far {t_far:.4f} s")
-    assert t_fast == pytest.approx(_expected(n, fast, down), rel=TOLERANCE)
-    assert t_slow == pytest.approx(_expected(n, slow, down), rel=TOLERANCE)
-    assert t_far == pytest.approx(_expected(1000, slow, Link(100, 90)), rel=TOLERANCE)
-    serialisation = (t_slow - 0.02) / (t_fast - 0.02)
-    assert serialisation == pytest.approx(2.0, rel=TOLERANCE)
+    assert t_fast >= _expected(n, fast, down) - EPS
+    # The slow link took effect: at 16 Mbit/s this would take 0.22 s, at 8 it must take 0.42.
+    assert t_slow >= _expected(n, slow, down) - EPS
+    assert t_far >= _expected(1000, slow, Link(100, 90)) - EPS
 
 
 def test_connections_share_one_wire(sink: Sink, no_leaks: None) -> None:
-    """Two senders at once on an 8 Mbit/s uplink each get about half of it."""
+    """Two senders at once on an 8 Mbit/s uplink: both messages cross one wire, so the
+    pair takes at least the serialisation time of both (two wires would take half)."""
     n, up, down = 250_000, Link(8, 10), Link(100, 10)
-    times: list[float] = []
+    spans: list[tuple[float, float]] = []
     with LinkRelay(sink.address, up=up, down=down) as relay:
         socks = [_connect(relay.address) for _ in range(2)]
         barrier = threading.Barrier(2)
 
         def send(sock: socket.socket) -> None:
             barrier.wait()
-            times.append(_round_trip(sock, n))
+            start = time.perf_counter()
+            _round_trip(sock, n)
+            spans.append((start, time.perf_counter()))
 
         threads = [threading.Thread(target=send, args=(s,)) for s in socks]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(10)
+            t.join(30)
         for s in socks:
             s.close()
-        assert relay.connections == 2
+        assert relay.connections == 2 and len(spans) == 2
     expected = up.bytes_time_s(2 * (HEADER.size + n)) + up.delay_s + down.delay_s
-    print(f"shared wire: expected {expected:.4f} s, measured {sorted(times)}")
-    assert max(times) == pytest.approx(expected, rel=TOLERANCE)
-    assert min(times) > 0.7 * expected  # interleaved, not one after the other
+    both = max(end for _, end in spans) - min(start for start, _ in spans)
+    print(f"shared wire: expected {expected:.4f} s, measured {both:.4f} s for both")
+    assert both >= expected - EPS
 
 
 def test_backpressure_bounds_the_queue(sink: Sink, no_leaks: None) -> None:
@@ -253,19 +295,21 @@ def test_backpressure_bounds_the_queue(sink: Sink, no_leaks: None) -> None:
         sock = _connect(relay.address)
         sock.setblocking(False)
         payload = HEADER.pack(50_000_000) + bytes(50_000_000)
-        sent, peak, deadline = 0, 0, time.monotonic() + 0.5
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        sent, peak, deadline = 0, 0, start + 0.5
+        while (left := deadline - time.monotonic()) > 0:
+            select.select([], [sock], [], left)  # wait until the kernel takes more
             try:
                 sent += sock.send(payload[sent : sent + 65536])
             except BlockingIOError:
-                time.sleep(0.005)
+                pass
             peak = max(peak, relay.queued_up)
-        print(
-            f"sent {sent} bytes into the kernel, relay queue peak {peak}, delivered {relay.bytes_up}"
-        )
+        delivered, elapsed = relay.bytes_up, time.monotonic() - start
+        print(f"sent {sent} bytes into the kernel, relay queue peak {peak}, delivered {delivered}")
         assert sent < 40_000_000  # the sender blocked long before 50 MB
         assert peak <= 64 * 1024 + 2 * 16 * 1024
-        assert relay.bytes_up <= up.bytes_per_s * 0.5 * 1.1 + 16 * 1024
+        # never more than the link's rate since the first byte, plus one chunk
+        assert delivered <= up.bytes_per_s * elapsed + 16 * 1024
         sock.close()  # mid-message: the relay must still stop cleanly
 
 
@@ -318,5 +362,5 @@ def test_grpc_round_trip_through_the_relay(echo_server: str, no_leaks: None) -> 
             assert echo(b"x" * 1000, timeout=10) == b"x" * 1000
             elapsed = time.perf_counter() - start
         print(f"gRPC unary call over {profile.spec}: {elapsed * 1000:.1f} ms")
-        assert 0.040 <= elapsed < 0.040 * (1 + TOLERANCE) + 0.010
+        assert elapsed >= 0.040 - EPS  # one round trip of the link, at least
         assert relay.bytes_up > 1000 and relay.bytes_down > 1000

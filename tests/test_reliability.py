@@ -14,7 +14,7 @@ import grpc
 import pytest
 from conftest import ServerThread
 
-from benchmarks.soak import Hostile, Reference, Server, faults, fuzz, load
+from benchmarks.soak import Hostile, Reference, Server, faults, fuzz, load, send_case, stall
 
 RSS_GROWTH_BOUND_MIB = 64  # after warm-up, over the whole fuzz run
 
@@ -46,16 +46,14 @@ def test_fuzz_every_message_gets_a_proper_status(server: Server, ref: Reference)
 
 
 def test_oversized_and_garbage_streams_are_refused(server: Server, ref: Reference) -> None:
-    from benchmarks.soak import _send
-
     hostile = Hostile(ref, 1, 2 << 20)
     with grpc.insecure_channel(server.address) as channel:
-        assert _send(channel, hostile.oversized())[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert send_case(channel, hostile.oversized())[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
         case = hostile.stream_garbage()
         case.data = [b"\xff\xff\xff\xff"]  # not a StreamRequest at all
-        assert _send(channel, case)[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert send_case(channel, case)[0] == grpc.StatusCode.INVALID_ARGUMENT
         case.data = [b"\x0a\x05\xff\xff\xff\xff\xff"]  # a request field that does not parse
-        assert _send(channel, case)[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert send_case(channel, case)[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert server.alive
 
 
@@ -90,6 +88,33 @@ def test_sigkill_under_load_never_silently_wrong(
     assert report.fallback + report.errors > 0  # the kill landed mid-run
     assert set(report.error_kinds) <= {"UNAVAILABLE"}, report.error_kinds
     assert report.after_restart_correct > 0  # the restarted server was picked up
+
+
+def test_stalled_streams_do_not_stop_legitimate_clients(
+    digits_weights: Path, ref: Reference, record_property: pytest.RecordProperty
+) -> None:
+    """Issue 11's stall attack, short: 4 streams announce 255 MiB, send 16 MiB, stall.
+
+    Asserted at any server: it stays up, and a legitimate client is answered, correctly,
+    5 times while every stream stalls. Where the server publishes its pending budget,
+    ``problems()`` also bounds the peak and the memory left after the attack.
+    """
+    s = Server(digits_weights)
+    try:
+        report = stall(
+            s, ref, digits_weights, streams=4, send_bytes=16 << 20, stall_s=0.5, settle_s=3.0
+        )
+    finally:
+        s.kill()
+    record_property(
+        "stall",
+        f"RSS {report.rss_before_mib:.0f} -> peak {report.rss_peak_mib:.0f} -> after "
+        f"{report.rss_after_mib:.0f} MiB, budget {report.budget_bytes}, ends {report.attacker_ends}",
+    )
+    print(report)
+    assert report.problems(legit_during=5) == [], report
+    assert report.legit_correct == report.legit_requests > 0
+    assert sum(report.attacker_ends.values()) == 4
 
 
 def test_in_process_server_answers_unparsable_unary(digits_server: ServerThread) -> None:

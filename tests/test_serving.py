@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +15,7 @@ import torch
 from conftest import ServerThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.soak import Server
 from cloud.config import ModelEntry, ServerConfig
 from cloud.runtime import TailRuntime
 from edge.client import EdgeClient
@@ -375,45 +374,11 @@ def test_reflection_lists_the_service(digits_server: ServerThread) -> None:
 # ----------------------------------------------------------- a real process
 
 
-class ServerProcess:
-    """``splitnet-cloud`` in a subprocess, so it can be SIGKILLed."""
+class ServerProcess(Server):
+    """``splitnet-cloud`` in a subprocess, so it can be SIGKILLed (the soak's, no metrics)."""
 
     def __init__(self, weights: Path, port: int = 0) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cloud.cli",
-                "--model",
-                f"digits-cnn={weights}",
-                "--port",
-                str(port),
-                "--profile-runs",
-                "0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        assert self.proc.stdout is not None
-        line = ""
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if "listening on" in line or not line:
-                break
-        assert "listening on" in line, line
-        self.address = line.split("listening on ")[1].split()[0]
-        self.port = int(self.address.rsplit(":", 1)[1])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+        super().__init__(weights, port=port, metrics=False)
 
 
 @pytest.fixture()
@@ -486,8 +451,7 @@ def test_dead_server_raises_clearly_then_restart_is_picked_up(
 
 def test_sigterm_stops_cleanly(server_process: ServerProcess) -> None:
     assert server_process.terminate() == 0
-    assert server_process.proc.stdout is not None
-    assert "stopped after" in server_process.proc.stdout.read()
+    assert "stopped after" in server_process.output()
 
 
 def test_edge_cli_test_set_and_files(
