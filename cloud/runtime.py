@@ -33,10 +33,10 @@ from splitnet.codecs import (
     wire_dtype,
 )
 from splitnet.errors import CodecError, SplitNetError
+from splitnet.examples import example_input
 from splitnet.models import fingerprint, load_model, resolve
 from splitnet.partition import Cut, SplitGraph, trace
 from splitnet.profiling import describe, profile_cuts
-from splitnet.report import sample_input
 from splitnet.v1 import inference_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class TailRuntime:
             expect_fingerprint=entry.fingerprint,
         )
         fp = fingerprint(model)
-        x = sample_input(spec.input_shape)
+        x = example_input(spec)
         graph = trace(model, (x,))
         with torch.no_grad():
             outputs = [(tuple(t.shape), t.dtype) for t in _flatten(model(x))]

@@ -97,6 +97,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         limits.max_batch_size = c.max_batch_size
         limits.chunk_bytes = c.chunk_bytes
         limits.max_in_flight = c.max_in_flight
+        limits.max_pending_bytes = c.max_pending_bytes
+        limits.chunk_idle_s = c.chunk_idle_s
+        limits.max_streams_per_connection = c.max_streams_per_connection
         resp.server_version = __version__
         return resp
 

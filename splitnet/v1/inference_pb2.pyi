@@ -56,18 +56,24 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., tail_latency_method: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_decoded_bytes", "max_batch_size", "chunk_bytes", "max_in_flight")
+    __slots__ = ("max_message_bytes", "max_decoded_bytes", "max_batch_size", "chunk_bytes", "max_in_flight", "max_pending_bytes", "chunk_idle_s", "max_streams_per_connection")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_DECODED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_PENDING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_PER_CONNECTION_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_decoded_bytes: int
     max_batch_size: int
     chunk_bytes: int
     max_in_flight: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_decoded_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
+    max_pending_bytes: int
+    chunk_idle_s: float
+    max_streams_per_connection: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_decoded_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., max_pending_bytes: _Optional[int] = ..., chunk_idle_s: _Optional[float] = ..., max_streams_per_connection: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("models", "codecs", "limits", "server_version")
