@@ -207,8 +207,11 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 self.admission.unreserve(job.reserved)
                 job.reserved = 0
             try:
-                async with asyncio.timeout(self.config.request_timeout_s):
+                if self.batcher.idle(job.key):  # runs right here, now: nothing to wait for
                     await self.batcher.submit(job)
+                else:
+                    async with asyncio.timeout(self.config.request_timeout_s):
+                        await self.batcher.submit(job)
             except TimeoutError:
                 raise RequestError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
