@@ -15,15 +15,25 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from edge.config import DEFAULT_CODECS, EdgeConfig
+from edge.model import DeviceModel
 from edge.results import InferResult
+from splitnet.codecs import decode, encode, parse_codec
 from splitnet.partition import SplitGraph
-from splitnet.planning import CostTable, LinkEstimate, LinkEstimator, Planner, Prediction
+from splitnet.planning import (
+    CostTable,
+    LinkEstimate,
+    LinkEstimator,
+    PairCost,
+    Planner,
+    Prediction,
+)
 from splitnet.planning import measure_costs as _measure
 from splitnet.v1 import inference_pb2 as pb
 
@@ -52,6 +62,55 @@ def calibrate_agreement(
     reference = model(xs).argmax(dim=1)
     rows = codec_accuracy(model, graph, Split(xs, reference), lossy)
     return {(r["cut"], r["codec"]): r["agreement"] for r in rows}
+
+
+def _median_ms(fn: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_heads(
+    device: DeviceModel,
+    x: torch.Tensor,
+    codecs: Sequence[str],
+    cloud_ms: dict[str, float],
+    *,
+    result_bytes: int,
+    runs: int = 5,
+    edge_slowdown: float = 1.0,
+) -> CostTable:
+    """The cost table of a device that holds only heads (a bundle): each head it holds
+    timed here, request bytes and codec times measured on ``x``; no all-on-device
+    choice, and lossy codecs without calibration (so the planner never picks them).
+    """
+    edge: dict[str, float] = {}
+    pairs: dict[tuple[str, str], PairCost] = {}
+    for cut in device.names:
+        head = device.head(cut)
+        frontier = head(x)
+        edge[cut] = _median_ms(lambda h=head: h(x), runs) * edge_slowdown  # type: ignore[misc]
+        for codec in codecs:
+            msgs = [encode(t, codec) for t in frontier]
+            name = str(parse_codec(codec))
+            pairs[(cut, name)] = PairCost(
+                cut=cut,
+                codec=name,
+                bytes_up=sum(m.ByteSize() + 4 for m in msgs),
+                encode_ms=_median_ms(lambda: [encode(t, codec) for t in frontier], runs),  # noqa: B023
+                decode_ms=_median_ms(lambda: [decode(m) for m in msgs], runs),  # noqa: B023
+            )
+    return CostTable(
+        edge_ms=edge,
+        cloud_ms=cloud_ms,
+        pairs=pairs,
+        result_bytes=result_bytes,
+        edge_slowdown=edge_slowdown,
+    )
 
 
 def result_bytes(info: pb.ModelInfo) -> int:
@@ -111,8 +170,7 @@ class AutoPlan:
     def at_connect(
         cls,
         config: EdgeConfig,
-        graph: SplitGraph,
-        whole: torch.nn.Module | None,
+        device: DeviceModel,
         info: pb.ModelInfo,
         sample: torch.Tensor,
         probe_rtt: Callable[[], float],
@@ -126,6 +184,17 @@ class AutoPlan:
             prior = LinkEstimate(up_mbit=PRIOR_MBIT, down_mbit=PRIOR_MBIT, rtt_ms=rtt)
         if config.costs is not None:
             return cls.from_table(config.costs, prior=prior, accuracy_budget=config.accuracy_budget)
+        graph, whole = device.graph, device.whole
+        if whole is None:  # only heads here: profile them; lossy codecs stay uncalibrated
+            table = measure_heads(
+                device,
+                sample,
+                config.codecs,
+                {c.name: c.tail_latency_ms for c in info.cuts},
+                result_bytes=result_bytes(info),
+                edge_slowdown=config.edge_slowdown,
+            )
+            return cls.from_table(table, prior=prior, accuracy_budget=config.accuracy_budget)
         calibration = config.calibration
         if calibration is None and tuple(sample.shape[1:]) == (1, 8, 8):
             from splitnet.data import load_digits

@@ -41,6 +41,7 @@ examples:
   splitnet-edge run --server HOST:PORT --model digits-cnn --weights w.safetensors --cut auto
   splitnet-edge run --server HOST:PORT --model digits-cnn --weights w.safetensors digit.png x.npy
   splitnet-edge run --server HOST:443 --tls-ca ca.pem --token-file token ...
+  splitnet-edge run --server HOST:PORT --bundle bundle/ --bundle-key key --cut pool1
 
 Exit status: 0 done; 2 with one line saying what went wrong (the command, a file, the
 server's answer, or a server that stayed unreachable); 130 interrupted.
@@ -77,8 +78,22 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     """The flags every command that talks to a server takes."""
     g = p.add_argument_group("server and model")
     g.add_argument("--server", required=True, help="HOST:PORT of splitnet-cloud")
-    g.add_argument("--model", required=True, help="model name, as the server serves it")
+    g.add_argument(
+        "--model", default=None, help="model name, as the server serves it (or give --bundle)"
+    )
     g.add_argument("--weights", default=None, help="the same weights file the server loaded")
+    g.add_argument(
+        "--bundle",
+        default=None,
+        help="an edge bundle from `splitnet export` instead of --model/--weights: "
+        "only the head's weights are loaded",
+    )
+    g.add_argument(
+        "--bundle-key",
+        metavar="KEYFILE",
+        default=None,
+        help="key of an encrypted bundle (64 hex digits); $SPLITNET_BUNDLE_KEY otherwise",
+    )
     g.add_argument(
         "--input-shape",
         type=parse_shape,
@@ -114,8 +129,19 @@ def edge_config(args: argparse.Namespace, **fields: Any) -> EdgeConfig:
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
             raise SplitNetError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.model is None and args.bundle is None:
+        raise SplitNetError("give --model (with --weights) or --bundle")
+    if args.bundle is not None and args.weights is not None:
+        raise SplitNetError("give --weights or --bundle, not both: a bundle carries its weights")
+    key = None
+    if args.bundle is not None:
+        from splitnet.bundle import read_key
+
+        key = read_key(args.bundle_key)
     return EdgeConfig(
         weights=args.weights,
+        bundle=args.bundle,
+        bundle_key=key,
         input_shape=args.input_shape,
         deadline_s=args.deadline,
         retries=args.retries,
@@ -194,7 +220,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         accuracy_budget=args.accuracy_budget,
         edge_slowdown=args.edge_slowdown,
     )
-    shape = resolve(args.model, args.input_shape).input_shape
+    if config.bundle is not None:  # the manifest says what the model is (and checks the key)
+        from splitnet.bundle import Bundle
+
+        bundle = Bundle.open(config.bundle, config.bundle_key)
+        args.model = args.model or bundle.model_name
+        shape = bundle.input_shape
+    else:
+        shape = resolve(args.model, args.input_shape).input_shape
     labels: torch.Tensor | None = None
     if args.inputs:  # read before anything is loaded: a bad file costs nothing
         xs = [load_input(Path(p), shape) for p in args.inputs]
@@ -208,8 +241,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         xs = [test.x[i : i + 1] for i in range(n)]
         labels = test.y[:n]
     with EdgeClient(args.server, args.model, config=config) as client:
-        with torch.no_grad():
-            local = [client.model(x).argmax(dim=1) for x in xs]
+        local: list[torch.Tensor] | None = None  # a device with only heads cannot compare
+        if client.device.can_run_whole:
+            with torch.no_grad():
+                local = [client.model(x).argmax(dim=1) for x in xs]
         t0 = time.perf_counter()
         results = list(client.infer_many(xs))
         elapsed = time.perf_counter() - t0
@@ -225,7 +260,7 @@ def _summary(
     args: argparse.Namespace,
     client: EdgeClient,
     results: Sequence[InferResult],
-    local: Sequence[torch.Tensor],
+    local: Sequence[torch.Tensor] | None,
     labels: torch.Tensor | None,
     elapsed: float,
 ) -> dict[str, Any]:
@@ -239,8 +274,10 @@ def _summary(
         "requests": len(results),
         "remote": len(remote),  # answered by the server
         "fallbacks": sum(r.fallback for r in results),
-        "agreement": float(
-            np.mean([bool(torch.equal(p, q)) for p, q in zip(preds, local, strict=True)])
+        "agreement": (
+            float(np.mean([bool(torch.equal(p, q)) for p, q in zip(preds, local, strict=True)]))
+            if local is not None
+            else None
         ),
         "throughput_per_s": len(results) / elapsed if elapsed > 0 else 0.0,
         "bytes_sent_mean": statistics.fmean(r.timing.bytes_sent for r in remote) if remote else 0,
@@ -264,9 +301,12 @@ def _summary(
             "rtt_ms": est.rtt_ms,
             "queue_ms": est.queue_ms,
         }
+    if client.device.source != "weights":
+        summary["bundle"] = client.device.source.removeprefix("bundle ")
     if labels is not None:
         summary["accuracy"] = float((torch.cat(preds) == labels).float().mean())
-        summary["local_accuracy"] = float((torch.cat(list(local)) == labels).float().mean())
+        if local is not None:
+            summary["local_accuracy"] = float((torch.cat(list(local)) == labels).float().mean())
     else:
         summary["predictions"] = [p.tolist() for p in preds]
     return summary
@@ -307,13 +347,16 @@ def _report(s: dict[str, Any]) -> list[str]:
             f"{s['throughput_per_s']:.1f}/s, nothing sent"
         )
     lines = [first]
+    agree = (
+        f"agreement with local {s['agreement']:.2%}"
+        if s["agreement"] is not None
+        else "only the head is here (bundle): no local comparison"
+    )
     if "accuracy" in s:
-        lines.append(
-            f"accuracy {s['accuracy']:.2%} (local model {s['local_accuracy']:.2%}), "
-            f"agreement with local {s['agreement']:.2%}"
-        )
+        local = f" (local model {s['local_accuracy']:.2%})" if "local_accuracy" in s else ""
+        lines.append(f"accuracy {s['accuracy']:.2%}{local}, {agree}")
     else:
-        lines.append(f"predictions {s['predictions']}; agreement with local {s['agreement']:.2%}")
+        lines.append(f"predictions {s['predictions']}; {agree}")
     for plan in s.get("plans", []):
         lines.append(f"plan from request {plan['from_request']}: {plan['breakdown']}")
     if "link_estimate" in s:

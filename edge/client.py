@@ -85,14 +85,32 @@ class EdgeClient:
             config = replace(config or EdgeConfig(), **options)  # keywords override config
         self.config = config = config or EdgeConfig()
         self.target = target
-        if model is None:
-            raise ConfigError("EdgeClient needs a model: a name or a module")
-        self.device = DeviceModel.load(
-            model,
-            model_name=config.model_name,
-            input_shape=config.input_shape,
-            weights=config.weights,
-        )
+        if config.bundle is not None:
+            if model is not None and not isinstance(model, str):
+                raise ConfigError(
+                    "with a bundle, the model is the bundle's (give its name or None)"
+                )
+            self.device = DeviceModel.from_bundle(config.bundle, _bundle_key(config), model)
+            if config.model_name is not None:
+                self.device.name = config.model_name
+        elif model is None:
+            raise ConfigError("EdgeClient needs a model (a name or a module) or a bundle")
+        else:
+            self.device = DeviceModel.load(
+                model,
+                model_name=config.model_name,
+                input_shape=config.input_shape,
+                weights=config.weights,
+            )
+        allowed = self.device.codecs
+        if allowed is not None:  # a bundle names the codecs it may be used with
+            if config.codec not in allowed:
+                raise ConfigError(
+                    f"codec {config.codec} is not one this bundle allows: {', '.join(allowed)}"
+                )
+            if config.auto:
+                kept = tuple(c for c in config.codecs if c in allowed) or ("raw",)
+                self.config = config = replace(config, codecs=kept)
         if config.fallback == "local" and not self.device.can_run_whole:
             raise ConfigError(
                 "fallback='local' runs the whole model, but this device holds only heads "
@@ -214,8 +232,7 @@ class EdgeClient:
             if self.config.auto:
                 self.auto = AutoPlan.at_connect(
                     self.config,
-                    self.device.graph,
-                    self.device.whole,
+                    self.device,
                     self._server_info(),
                     sample_input(self.device.input_shape),
                     self.probe_rtt,
@@ -494,6 +511,15 @@ class EdgeClient:
     def _slow_down(self, started: float) -> None:
         """Emulate a device ``edge_slowdown`` times slower than this machine."""
         time.sleep((time.perf_counter() - started) * (self.config.edge_slowdown - 1))
+
+
+def _bundle_key(config: EdgeConfig) -> bytes | None:
+    """The bundle's key: given in the config, else from ``$SPLITNET_BUNDLE_KEY``."""
+    if config.bundle_key is not None:
+        return config.bundle_key
+    from splitnet.bundle import read_key
+
+    return read_key(None)
 
 
 def _parts(

@@ -40,6 +40,8 @@ class EdgeConfig:
     weights: str | Path | None = None  # weights file; the server must have loaded the same
     input_shape: tuple[int, ...] | None = None  # example input with batch, e.g. (1, 3, 224, 224)
     model_name: str | None = None  # the server's name for the model (default: the model given)
+    bundle: str | Path | None = None  # an edge bundle (splitnet export) instead of the model
+    bundle_key: bytes | None = field(default=None, repr=False)  # its AES-256 key, if encrypted
     # --- the split
     cut: str = "input"  # where to cut (a cut name), or "auto" to plan it
     codec: str = "raw"  # frontier codec, e.g. "int8+zstd:1"
@@ -117,6 +119,12 @@ class EdgeConfig:
             or self.token != self.token.strip()
         ):
             raise ConfigError("token must be one non-empty line without surrounding spaces")
+        if self.bundle_key is not None and (
+            not isinstance(self.bundle_key, bytes) or len(self.bundle_key) != 32
+        ):
+            raise ConfigError("bundle_key must be 32 bytes (AES-256)")
+        if self.bundle is not None and self.weights is not None:
+            raise ConfigError("give weights or a bundle, not both: a bundle carries its weights")
         if self.calibration is not None and not isinstance(self.calibration, torch.Tensor):
             raise ConfigError("calibration must be a tensor of inputs (a batch)")
         if self.costs is not None and not isinstance(self.costs, CostTable):
@@ -151,6 +159,8 @@ class EdgeOptions(TypedDict, total=False):
     weights: str | Path | None
     input_shape: tuple[int, ...] | None
     model_name: str | None
+    bundle: str | Path | None
+    bundle_key: bytes | None
     cut: str
     codec: str
     output_codec: str

@@ -34,10 +34,40 @@ class DeviceModel:
     whole: nn.Module | None  # the whole model; None when only heads were shipped
     deepest: int  # index of the deepest cut whose head the device holds
     source: str = "weights"  # "weights" or "bundle DIR"
+    codecs: tuple[str, ...] | None = None  # codecs a bundle allows; None: any
 
     def __post_init__(self) -> None:
         self._heads: dict[str, nn.Module] = {}
         self._lock = threading.Lock()
+        self._state: dict[str, torch.Tensor] | None = None  # a bundle's head weights
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, key: bytes | None, model: str | None) -> DeviceModel:
+        """Only the heads a bundle serves: the model is built and traced on the meta
+        device, and just the head's weights are materialized (no tail weight is ever
+        allocated). A bundle exported with ``--whole`` gives the whole model instead.
+        """
+        from splitnet.bundle import Bundle
+
+        bundle = Bundle.open(path, key)
+        if model is not None and model != bundle.model_name:
+            raise ConfigError(f"bundle {str(path)!r} holds {bundle.model_name}, not {model}")
+        source = f"bundle {path}"
+        if bundle.has("whole"):
+            whole = bundle.whole_model()
+            graph = trace(whole, (sample_input(bundle.input_shape),))
+            deepest = len(graph.cuts) - 1
+            device = cls(bundle.model_name, bundle.input_shape, bundle.fingerprint, graph,
+                         whole, deepest, source)  # fmt: skip
+        else:
+            graph = bundle.meta_graph()
+            deepest = graph.cut(bundle.cut).index
+            device = cls(bundle.model_name, bundle.input_shape, bundle.fingerprint, graph,
+                         None, deepest, source)  # fmt: skip
+            device._state = bundle.state("head")
+            device.head(bundle.cut)  # materialize the deepest head now: it holds them all
+        device.codecs = tuple(bundle.codecs)
+        return device
 
     @classmethod
     def load(
@@ -99,7 +129,12 @@ class DeviceModel:
         return head
 
     def _build_head(self, name: str) -> nn.Module:
-        return self.graph.split(self.cut(name).name)[0]
+        head = self.graph.split(self.cut(name).name)[0]
+        if self._state is not None:
+            from splitnet.bundle import materialize
+
+            materialize(head, self._state)
+        return head
 
     @property
     def can_run_whole(self) -> bool:

@@ -1,9 +1,10 @@
-"""The ``splitnet`` command: train, eval, cuts and certs.
+"""The ``splitnet`` command: train, eval, cuts, certs and export.
 
 splitnet train digits-cnn --out digits.safetensors
 splitnet eval digits-cnn --weights digits.safetensors [--codecs raw,int8+zstd:1]
 splitnet cuts torchvision:resnet18 [--codecs ...] [--json]
 splitnet certs --out certs/ [--force]
+splitnet export digits-cnn --weights digits.safetensors --cut pool1 --out bundle [--encrypt key]
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ from splitnet.report import codec_accuracy, cut_table, format_table
 __all__ = ["main"]
 
 DEFAULT_CODECS = "raw,zstd:1,fp16,int8,int8+zstd:1"
-DESCRIPTION = "Train, evaluate and inspect models for split inference, and make test certificates."
+DESCRIPTION = (
+    "Train, evaluate and inspect models for split inference, export a device's half, and "
+    "make test certificates."
+)
 EPILOG = """examples:
   splitnet train digits-cnn --out digits.safetensors
   splitnet eval digits-cnn --weights digits.safetensors --codecs raw,int8+zstd:1
   splitnet cuts torchvision:resnet18 --json
   splitnet certs --out certs/
+  splitnet export digits-cnn --weights digits.safetensors --cut pool1 --out bundle
 
 The halves run with splitnet-cloud (the server) and splitnet-edge (the device)."""
 
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.add_argument("--version", action="version", version=f"splitnet {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,cuts,certs}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,cuts,certs,export}")
 
     t = sub.add_parser("train", help="train a model on the digits data set")
     t.add_argument("model", help="digits-cnn, or your own package.module:callable")
@@ -120,7 +125,67 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--force", action="store_true", help="replace certificates and keys already in --out"
     )
+    x = sub.add_parser("export", help="write an edge bundle: only the head's weights, for a device")
+    x.add_argument("model", help="digits-cnn, torchvision:NAME or package.module:callable")
+    x.add_argument("--weights", default=None, help="the weights to export (default: the model's)")
+    x.add_argument("--input-shape", type=parse_shape, default=None)
+    x.add_argument(
+        "--cut", required=True, help="deepest cut the device may run (it serves every earlier one)"
+    )
+    x.add_argument("--out", required=True, help="folder for manifest.json and the weights")
+    x.add_argument("--tail", action="store_true", help="also write the tail, for the cloud")
+    x.add_argument(
+        "--whole", action="store_true", help="also write every weight (lets the device fall back)"
+    )
+    x.add_argument(
+        "--encrypt",
+        metavar="KEYFILE",
+        default=None,
+        help="encrypt with AES-256-GCM under the key in KEYFILE (64 hex digits; made if missing)",
+    )
+    x.add_argument(
+        "--codecs",
+        type=parse_codecs,
+        default=parse_codecs("raw,zstd:1,int8+zstd:1"),
+        help="codecs the device may send (default raw,zstd:1,int8+zstd:1)",
+    )
+    x.add_argument("--force", action="store_true", help="replace a bundle already in --out")
     return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from splitnet.bundle import export_bundle, new_key, read_key
+
+    key = None
+    if args.encrypt is not None:
+        made = not Path(args.encrypt).exists()
+        key = new_key(args.encrypt) if made else read_key(args.encrypt)
+        if made:
+            print(f"wrote a new key to {args.encrypt}: keep it off the device's disk")
+    m = export_bundle(
+        args.model,
+        args.out,
+        cut=args.cut,
+        weights=args.weights,
+        input_shape=args.input_shape,
+        codecs=args.codecs,
+        tail=args.tail,
+        whole=args.whole,
+        key=key,
+        force=args.force,
+    )
+    parts = ", ".join(
+        f"{name} {p['params']:,} parameters ({p['bytes'] / 2**20:.2f} MiB)"
+        for name, p in m["parts"].items()
+    )
+    print(
+        f"wrote {args.out}: {m['model']['name']} up to cut {m['split']['cut']} "
+        f"({len(m['split']['cuts'])} cuts), {parts}, fingerprint "
+        f"{m['model']['fingerprint'][:16]}{', encrypted' if key else ''}"
+    )
+    return 0
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -271,7 +336,13 @@ def _shapes(shapes: list[list[int]]) -> str:
     return " ".join("x".join(str(d) for d in s) for s in shapes)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "cuts": cmd_cuts, "certs": cmd_certs}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "cuts": cmd_cuts,
+    "certs": cmd_certs,
+    "export": cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    torch.set_grad_enabled(args.command == "train")  # certs, eval and cuts never train
+    torch.set_grad_enabled(args.command == "train")  # the other commands never train
     try:
         return COMMANDS[args.command](args)
     except SplitNetError as e:

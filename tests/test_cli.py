@@ -103,10 +103,10 @@ def test_unknown_cut_lists_names(digits_weights: Path) -> None:
 def test_help_is_plain_and_complete() -> None:
     out = run("--help")
     assert out.returncode == 0
-    for command in ("train", "eval", "cuts", "certs"):
+    for command in ("train", "eval", "cuts", "certs", "export"):
         assert command in out.stdout
     assert "``" not in out.stdout and "`" not in out.stdout  # no raw markup
-    for command in ("train", "eval", "cuts", "certs"):
+    for command in ("train", "eval", "cuts", "certs", "export"):
         sub = run(command, "--help")
         assert sub.returncode == 0 and "`" not in sub.stdout, command
     assert "--force" in run("certs", "--help").stdout
