@@ -133,7 +133,8 @@ class AutoPlan:
     Exploration: request number ``n`` (8, 16, 32, ... counted in answered requests, so
     the schedule is deterministic) goes to one probe target instead of the plan, in
     turn: the best all-cloud choice (cut ``input``), all on the device (where the
-    model is here), and the runner-up (the best other choice). Probes are
+    model is here), and the runner-up (the best split at a cut other than the plan's,
+    which also calibrates the heads not yet run). Probes are
     ``floor(log2(n / 4))`` of the first ``n`` requests (4 of 100, 7 of 1000), each
     costing at most the difference between the probe's and the plan's latency.
     """
@@ -257,7 +258,8 @@ class AutoPlan:
     # ------------------------------------------------------------ exploring
     def probe_targets(self) -> list[tuple[str, str]]:
         """What exploration tries, in turn: the best all-cloud choice, all on the
-        device (if the model is here), the runner-up; never the plan itself.
+        device (if the model is here), the runner-up (the best split at another cut);
+        never the plan itself.
         """
         assert self.prediction is not None
         chosen = (self.prediction.cut, self.prediction.codec)
@@ -269,10 +271,9 @@ class AutoPlan:
                 break
         if any(p.cut == OUTPUT for p in preds):
             targets.append((OUTPUT, "none"))
-        for p in preds:
-            key = (p.cut, p.codec)
-            if key != chosen and key not in targets:
-                targets.append(key)
+        for p in preds:  # the runner-up: the best real split at another cut than the plan's
+            if p.cut not in (INPUT, OUTPUT, chosen[0]):
+                targets.append((p.cut, p.codec))
                 break
         return [k for k in targets if k != chosen]
 

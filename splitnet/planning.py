@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from splitnet.codecs import decode, encode, estimate_nbytes, parse_codec
-from splitnet.partition import OUTPUT, SplitGraph
+from splitnet.partition import INPUT, OUTPUT, SplitGraph
 from splitnet.profiling import profile_cuts
 
 __all__ = [
@@ -230,7 +230,7 @@ class Planner:
         if not self.table.learn_edge or cut not in self.table.edge_ms:
             return
         profiled = self.table.edge_ms[cut]
-        if profiled > 0.05 and measured_ms > 0:
+        if cut != INPUT and profiled > 0.05 and measured_ms > 0:  # input's head is nothing
             ratio = min(max(measured_ms / profiled, 0.2), 20.0)
             if cut == OUTPUT:
                 self.local_scale = (1 - alpha) * self.local_scale + alpha * ratio
