@@ -18,8 +18,8 @@ Every component starts from a prior and is then learned from live requests:
 * ``bytes``: ``splitnet.codecs.estimate_nbytes`` on each cut's frontier (no encoding).
 * ``B_up``, ``RTT``, ``queue``: a link prior, then ``LinkEstimator`` (as before).
 
-A learned value (``learned``) is the lower median of the last ``WINDOW`` observations;
-until ``TRUST_AFTER`` observations the prior counts as one of them, so one observation
+A learned value (``learned``) is the median of the last ``WINDOW`` observations; until
+there are ``TRUST_AFTER``, the lower median of them and the prior, so one observation
 below the prior replaces it at once, and a prior too low is replaced by the third.
 The cut ``output`` runs everything on the device: T = edge(output), no network.
 Lossy codecs are allowed only where their calibrated agreement with the unsplit model
@@ -149,12 +149,13 @@ REPLAN_FLOOR_MS = 0.5  # ...and by at least this much
 
 
 def learned(prior: float, samples: Sequence[float] | None, trust_after: int = TRUST_AFTER) -> float:
-    """The lower median of ``samples``, with ``prior`` counted as one of them until
-    there are ``trust_after`` (see the module docstring). No samples: the prior.
+    """The median of ``samples``; until there are ``trust_after``, the lower median of
+    them and ``prior`` (see the module docstring). No samples: the prior.
     """
     values = list(samples or ())
-    if len(values) < trust_after:
-        values.append(prior)
+    if len(values) >= trust_after:
+        return statistics.median(values)  # what a request will most likely see
+    values.append(prior)
     values.sort()
     return values[(len(values) - 1) // 2]
 
@@ -230,13 +231,19 @@ class Planner:
         if not self.table.learn_edge or cut not in self.table.edge_ms:
             return
         profiled = self.table.edge_ms[cut]
-        if cut != INPUT and profiled > 0.05 and measured_ms > 0:  # input's head is nothing
+        if cut == OUTPUT and profiled > 0.05 and measured_ms > 0:
             ratio = min(max(measured_ms / profiled, 0.2), 20.0)
-            if cut == OUTPUT:
-                self.local_scale = (1 - alpha) * self.local_scale + alpha * ratio
-            else:
-                self.edge_scale = (1 - alpha) * self.edge_scale + alpha * ratio
+            self.local_scale = (1 - alpha) * self.local_scale + alpha * ratio
         self._add("edge", self.edge_seen, cut, measured_ms, lambda: self.edge_ms(cut))
+        if cut not in (INPUT, OUTPUT):  # input's head is nothing: no ratio to learn
+            # The median over the heads run so far of (their median here / profiled).
+            ratios = [
+                statistics.median(seen) / self.table.edge_ms[c]
+                for c, seen in self.edge_seen.items()
+                if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05
+            ]
+            if ratios:
+                self.edge_scale = min(max(statistics.median(ratios), 0.2), 20.0)
 
     def observe_request(
         self,
