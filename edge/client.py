@@ -304,10 +304,24 @@ class EdgeClient:
         return self.server_info
 
     def _follow_plan(self) -> None:
-        assert self.auto is not None and self.auto.prediction is not None
-        p = self.auto.prediction
-        if (p.cut, p.codec) != (self._route.cut, self._route.codec):
-            self.use(cut=p.cut, codec=None if p.codec == "none" else p.codec)
+        assert self.auto is not None
+        cut, codec = self.auto.next_choice()  # the plan, or an exploring probe
+        if (cut, codec) != (self._route.cut, self._route.codec):
+            self.use(cut=cut, codec=None if codec == "none" else codec)
+
+    def _reconnected(self) -> None:
+        """A call got through after a failure: the server may have restarted, or be
+        another machine. Read its table again (cut="auto": it is the planner's prior).
+        """
+        if self.auto is None:
+            return
+        try:
+            info = self.refresh_info()
+        except RemoteError as e:  # still flaky: the next reconnect tries again
+            logger.debug("refreshing the server's table failed: %s", e)
+            return
+        self.auto.refresh(info)
+        self._follow_plan()
 
     def probe_rtt(self) -> float:
         """Round trip (ms) of a request with almost no payload and no compute: the
@@ -395,6 +409,9 @@ class EdgeClient:
                 if self.config.fallback == "local" and err.code in UNREACHABLE:
                     return self._local(x, reason=str(err))
                 raise
+            reconnected = True
+        else:
+            reconnected = False
         received = time.perf_counter()
         resp = pb.InferResponse.FromString(raw)
         timing = Timing(
@@ -405,7 +422,9 @@ class EdgeClient:
         )
         result = self._finish(resp, None, route, timing, started, sent, received)
         if self.auto is not None:
-            self._learn(result, link=True)
+            self._learn(result, link=not reconnected)
+            if reconnected:
+                self._reconnected()
         return result
 
     def _on_lane(
@@ -494,8 +513,7 @@ class EdgeClient:
         result.prediction = self.auto.learn(
             result, link=link, probe_rtt=self.probe_rtt if link else None
         )
-        if link:
-            self._follow_plan()
+        self._follow_plan()
 
     def _infer_in_parts(self, x: torch.Tensor) -> InferResult:
         """A batch larger than the server's ``max_batch_size``: pipelined in parts, joined."""
@@ -523,9 +541,14 @@ class EdgeClient:
         attempt = 0
         while True:
             if self._route.cut == OUTPUT:  # planned all on the device: nothing to stream
-                for x in itertools.chain(replay, source):
+                source, replay = itertools.chain(replay, source), deque()
+                for x in source:
                     yield self._planned_local(x)
-                return
+                    if self._route.cut != OUTPUT:  # the plan (or a probe) went remote
+                        break
+                else:
+                    return
+                continue
             self.transport.require_open()
             stream = StreamCall(
                 self,
@@ -537,7 +560,9 @@ class EdgeClient:
             )
             try:
                 for result in stream.results():
-                    attempt = 0
+                    if attempt:  # a retried stream got through: the server may be new
+                        attempt = 0
+                        self._reconnected()
                     yield result
                 return
             except RemoteError as e:
@@ -559,6 +584,7 @@ class EdgeClient:
         result = self._local(x, reason=None)
         if self.auto is not None:
             self.auto.observe_local(OUTPUT, result.timing.edge_ms)
+            self._follow_plan()
         return result
 
     def _local(self, x: torch.Tensor, reason: str | None) -> InferResult:
