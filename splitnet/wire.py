@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from splitnet.codecs.registry import MAX_SPEC_CHARS
 from splitnet.errors import ProtocolError
 from splitnet.v1 import tensor_pb2
 
@@ -156,19 +157,36 @@ MAX_STEPS = 4  # codec steps of one wire tensor (decode accepts two)
 
 
 class Field:
-    """Bounds of one field: most entries, and for a message field its fields' bounds."""
+    """Bounds of one field: most entries; for a message field its fields' bounds; for a
+    string field the most bytes it may hold.
+    """
 
-    __slots__ = ("count", "fields", "name")
+    __slots__ = ("count", "fields", "name", "size")
 
-    def __init__(self, name: str, count: int, fields: dict[int, Field] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        count: int,
+        fields: dict[int, Field] | None = None,
+        *,
+        size: int | None = None,
+    ) -> None:
         self.name = name
         self.count = count
-        self.fields = fields  # None: a scalar field (packed or not)
+        self.fields = fields  # None: a scalar or string field
+        self.size = size  # a string field's most bytes; None: not a string field
+
+
+MAX_NAME_BYTES = 1024  # a model or cut name ("pkg.module:callable" names included)
 
 
 _TENSOR = {1: Field("shape", MAX_WIRE_RANK), 3: Field("steps", MAX_STEPS, {})}
 _REQUEST = {
+    2: Field("model", 1, size=MAX_NAME_BYTES),
+    3: Field("cut", 1, size=MAX_NAME_BYTES),
+    4: Field("fingerprint", 1, size=MAX_NAME_BYTES),
     5: Field("frontier", MAX_TENSORS, _TENSOR),
+    6: Field("output_codec", 1, size=MAX_SPEC_CHARS),
     7: Field("chunked_payload_bytes", MAX_TENSORS),
 }
 _RESPONSE = {
@@ -214,6 +232,13 @@ def _scan(buf: memoryview, fields: dict[int, Field], budget: list[int]) -> str |
             sub = buf[pos : pos + length]
             pos += length
             bound = fields.get(number)
+            if bound is not None and bound.size is not None:
+                if length > bound.size:
+                    return (
+                        f"field {bound.name!r} of {length} bytes; a valid message has at "
+                        f"most {bound.size}"
+                    )
+                continue  # a string: proto3 keeps the last one, so any count is fine
             # Packed varints take 1 to 10 bytes each: the length gives a lower bound.
             n = 1 if bound is None or bound.fields is not None else -(-length // 10)
         else:

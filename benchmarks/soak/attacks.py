@@ -244,16 +244,17 @@ def run_attack(
 
 
 def _settled(server: Server, settle_s: float) -> float:
-    """RSS once it stops falling (by under 1 MiB in 0.5 s), at most ``settle_s``, MiB."""
-    last = proc_status(server.proc.pid).get("VmRSS", 0) / 1024
+    """RSS once it has not fallen by 1 MiB for 2 s (the server trims every second), at
+    most ``settle_s`` after the attack, MiB.
+    """
+    samples = [proc_status(server.proc.pid).get("VmRSS", 0) / 1024]
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
         time.sleep(0.5)  # letting the server finish and free; nothing is ordered by it
-        now = proc_status(server.proc.pid).get("VmRSS", 0) / 1024
-        if last - now < 1.0:
-            return now
-        last = now
-    return last
+        samples.append(proc_status(server.proc.pid).get("VmRSS", 0) / 1024)
+        if len(samples) > 4 and samples[-5] - samples[-1] < 1.0:
+            break
+    return samples[-1]
 
 
 def _count(fig: AttackFigure, code: grpc.StatusCode | int | str, message: str = "") -> None:
