@@ -50,6 +50,7 @@ RTT_PROBE_EVERY = 20  # requests between round-trip probes
 PRIOR_MBIT = 100.0  # bandwidth assumed until requests measure it
 PROBE_FIRST = 8  # the first exploring request; then every power of two after it
 PROBE_REQUESTS = 2  # requests per probe: the first at a new cut pays one-time costs
+PROBE_LINK_FACTOR = 4.0  # no probe whose transfer alone takes this many times the plan
 
 
 @torch.no_grad()
@@ -139,7 +140,9 @@ class AutoPlan:
     the device (where the model is here), and the runner-up (the best split at a cut
     other than the plan's, which also calibrates the heads not yet run). Probes take
     ``2 * floor(log2(n / 4))`` of the first ``n`` requests (8 of 100, 14 of 1000),
-    each costing the difference between the probe's and the plan's latency.
+    each costing the difference between the probe's and the plan's latency. A target
+    whose transfer alone (bytes over the learned bandwidth) would take more than
+    ``PROBE_LINK_FACTOR`` times the plan's latency is not probed.
     """
 
     planner: Planner
@@ -266,7 +269,16 @@ class AutoPlan:
         """
         assert self.prediction is not None
         chosen = (self.prediction.cut, self.prediction.codec)
-        preds = self.planner.candidates(self.estimator.estimate)
+        link = self.estimator.estimate
+        plan_ms = self.planner.predict(*chosen, link).total_ms
+        # The transfer is what probing cannot correct (bytes are known, the bandwidth is
+        # learned from every request): a target whose transfer alone dwarfs the plan is
+        # not worth a request (ResNet-18's input over 0.13 Mbit/s takes 37 s).
+        preds = [
+            p
+            for p in self.planner.candidates(link)
+            if p.up_ms + p.down_ms <= PROBE_LINK_FACTOR * plan_ms
+        ]
         targets: list[tuple[str, str]] = []
         for p in preds:  # fastest first: the first at input is the best all-cloud choice
             if p.cut == INPUT:

@@ -246,7 +246,7 @@ def test_exploration_is_a_doubling_schedule_and_costs_log_n_requests() -> None:
     """Probes go out at requests 8, 16, 32, ... and the one after each (by count, so
     deterministically), in turn to the best all-cloud choice, all on the device, and
     the runner-up."""
-    link = LinkEstimate(up_mbit=8.0, down_mbit=8.0, rtt_ms=1.0)  # the plan: cut mid
+    link = LinkEstimate(up_mbit=20.0, down_mbit=20.0, rtt_ms=1.0)  # the plan: cut mid
     plan = AutoPlan.from_table(_table(), prior=link)
     chosen = (plan.prediction.cut, plan.prediction.codec) if plan.prediction else None
     sent = []
@@ -270,6 +270,10 @@ def test_exploration_is_a_doubling_schedule_and_costs_log_n_requests() -> None:
     assert all(sent[n - 1] == sent[n] != chosen for n, _, _ in plan.probes)
     targets = [(c, k) for _, c, k in plan.probes]
     assert chosen == ("mid", "raw") and set(targets) == {("input", "raw"), ("output", "none")}
+    # On a link where sending the input alone takes over 4x the plan, it is not probed.
+    slow = AutoPlan.from_table(_table(), prior=replace(link, up_mbit=8.0))
+    assert slow.prediction is not None and slow.prediction.cut == "mid"
+    assert slow.probe_targets() == [("output", "none")]
 
 
 def test_a_refreshed_server_table_is_the_prior_again() -> None:
