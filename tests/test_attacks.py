@@ -166,3 +166,14 @@ def test_11_stalled_chunks_pin_no_memory(plain: Server, ref: Reference, figures:
     assert sum(n for c, n in fig.codes.items() if c.startswith("stream ")) == size["streams"]
     assert fig.peak_growth_mib < 0.01 * announced_mib, fig.line()
     assert fig.legit_during > 0
+
+
+def test_11b_a_refused_message_is_not_kept_by_a_stalled_stream(
+    plain: Server, ref: Reference, figures: dict
+) -> None:
+    fig = _run("refused_then_stalled", plain, ref, figures)
+    streams = TEST_SIZES["refused_then_stalled"]["streams"]
+    assert fig.codes["in-band INVALID_ARGUMENT"] == streams  # refused, in-band
+    # While every stream still stalls, what they sent is gone (before the fix: all of
+    # it, twice, until the streams ended).
+    assert fig.notes["stalled_mib"] - fig.rss_before_mib < 0.1 * fig.sent_mib, fig.line()
