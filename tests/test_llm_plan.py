@@ -195,3 +195,22 @@ def test_model_sizes_match_a_real_gpt2() -> None:
     assert sizes.param_bytes == (block,) * 2
     total = sum(p.numel() for p in model.parameters()) * 4
     assert sum(sizes.param_bytes) + sizes.embed_bytes + sizes.lm_head_bytes == total
+
+
+def test_measured_costs_come_from_an_injected_clock() -> None:
+    """The profile's arithmetic, with a clock that advances 1 ms per reading."""
+    transformers = pytest.importorskip("transformers")
+    from splitnet.llm.plan import measure_side_cost
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ticks = iter(range(10**6))
+    side = measure_side_cost(model, 2, prompt_tokens=4, steps=2, runs=1,
+                             clock=lambda: next(ticks) / 1000)
+    # Every timed span reads the clock twice, 1 ms apart: 1 ms each, the head included.
+    assert side.lm_head_ms == pytest.approx(1.0)
+    assert side.decode_ms == (0.0, 0.0) and side.prefill_ms == (0.0, 0.0)
+    assert len(side.decode_ms) == 2

@@ -31,13 +31,17 @@ Constraints the user states, each with the reason a layout was rejected:
 
 Costs are inputs (``ModelCosts``): measured on each side, or given. ``model_sizes``
 derives the memory side (parameter bytes per block, KV bytes per token per block) from a
-transformers config. Nothing here reads a clock.
+transformers config. Planning reads no clock; ``measure_side_cost`` is the one function
+that measures (a model's decode step and prefill, here, spread evenly over its blocks).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,6 +59,7 @@ __all__ = [
     "ModelSizes",
     "PlanResult",
     "SideCost",
+    "measure_side_cost",
     "model_sizes",
     "plan_generation",
 ]
@@ -419,4 +424,63 @@ def model_sizes(config: object, *, dtype_bytes: int = 4) -> ModelSizes:
         kv_bytes_per_token=(kv,) * n,
         embed_bytes=embed * dtype_bytes,
         lm_head_bytes=head * dtype_bytes,
+    )
+
+
+def measure_side_cost(
+    model: Any,
+    num_layers: int,
+    *,
+    prompt_tokens: int = 32,
+    steps: int = 8,
+    runs: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> SideCost:
+    """Time a transformers causal LM on this machine: a prefill of ``prompt_tokens`` and
+    ``steps`` decode steps after it (medians over ``runs``, after one warm-up), and its LM
+    head on one vector; the blocks' share is spread evenly over ``num_layers`` (a
+    decoder's blocks are identical in shape). Run under the thread count the side uses.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    vocab = int(model.config.vocab_size)
+    ids = (torch.arange(prompt_tokens) * 7919 % vocab).unsqueeze(0)
+
+    def run_once() -> tuple[float, float]:
+        cache = DynamicCache(config=model.config)
+        kw = {"cache" if takes_cache else "past_key_values": cache, "use_cache": True}
+        t0 = clock()
+        out = model(ids, logits_to_keep=1, **kw)
+        prefill = clock() - t0
+        nxt = out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            t0 = clock()
+            out = model(nxt, **kw)
+            times.append(clock() - t0)
+            nxt = out.logits[:, -1:].argmax(-1)
+        return prefill, statistics.median(times)
+
+    with torch.inference_mode():
+        run_once()
+        samples = [run_once() for _ in range(runs)]
+        head = model.get_output_embeddings()
+        vec = torch.zeros(1, 1, head.in_features)
+        head(vec)
+        head_times = []
+        for _ in range(runs * 4):
+            t0 = clock()
+            head(vec)
+            head_times.append(clock() - t0)
+    head_ms = 1000 * statistics.median(head_times)
+    prefill_ms = 1000 * statistics.median(p for p, _ in samples)
+    decode_ms = 1000 * statistics.median(d for _, d in samples)
+    per_block_decode = max(decode_ms - head_ms, 0.0) / num_layers
+    per_block_prefill = max(prefill_ms - head_ms, 0.0) / num_layers / prompt_tokens
+    return SideCost(
+        decode_ms=(per_block_decode,) * num_layers,
+        prefill_ms=(per_block_prefill,) * num_layers,
+        lm_head_ms=head_ms,
     )
