@@ -31,6 +31,7 @@ from cloud.options import (
 from cloud.server import CloudServer
 from splitnet import __version__
 from splitnet.errors import SplitNetError
+from splitnet.llm.models import is_llm_name
 
 __all__ = ["main"]
 
@@ -131,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _warn_untrained(config: ServerConfig, prog: str) -> None:
     for m in config.models:
-        if m.weights is None and ":" not in m.name.removeprefix("torchvision:"):
+        if m.weights is None and ":" not in m.name.removeprefix("torchvision:") and not (
+            is_llm_name(m.name)
+        ):
             print(
                 f"{prog}: warning: {m.name} has no weights file: serving its untrained "
                 f"initial weights (give --model {m.name}=WEIGHTS.safetensors)",

@@ -55,6 +55,12 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus /metrics port (0: any; HTTPS with TLS); off
     metrics_host: str = "127.0.0.1"  # address of the metrics endpoint
     metrics_open: bool = False  # metrics without the token / client cert gRPC asks for
+    # --- generation sessions (language models: --model smollm2, hf:DIR, tiny:...)
+    llm_max_sessions: int = 32  # generation sessions open at once
+    llm_max_tokens: int = 2048  # prompt + generated tokens one generation session may hold
+    llm_kv_budget_bytes: int = 1024 * MiB  # KV cache all generation sessions may reserve
+    llm_idle_s: float = 60.0  # a generation session silent this long is ended, its cache freed
+    llm_max_batch: int = 8  # decode steps of concurrent sessions run as one call, at most
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -75,6 +81,10 @@ class ServerConfig:
             "max_streams_per_connection",
             "max_metadata_size",
             "max_health_watches",
+            "llm_max_sessions",
+            "llm_max_tokens",
+            "llm_kv_budget_bytes",
+            "llm_max_batch",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -84,8 +94,8 @@ class ServerConfig:
             )
         if self.chunk_bytes > self.max_message_bytes // 2:
             raise ConfigError("chunk_bytes must be at most half of max_message_bytes")
-        if self.request_timeout_s <= 0 or self.chunk_idle_s <= 0:
-            raise ConfigError("request_timeout_s and chunk_idle_s must be > 0")
+        if self.request_timeout_s <= 0 or self.chunk_idle_s <= 0 or self.llm_idle_s <= 0:
+            raise ConfigError("request_timeout_s, chunk_idle_s and llm_idle_s must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:

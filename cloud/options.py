@@ -19,6 +19,7 @@ from collections.abc import Container, Mapping
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from cloud.config import MiB, ModelEntry, pin_fingerprints, set_input_shapes
+from splitnet.llm.models import is_llm_name
 
 __all__ = [
     "add_config_arguments",
@@ -124,6 +125,8 @@ def config_values(args: argparse.Namespace, cls: type, *, skip: Container[str] =
 
 
 def _model(text: str) -> ModelEntry:
+    if is_llm_name(text):  # smollm2, hf:DIR, tiny:llama:layers=6 (its "=" is no weights file)
+        return ModelEntry(name=text)
     name, _, weights = text.partition("=")
     if not name:
         raise argparse.ArgumentTypeError(f"invalid --model {text!r}: use NAME or NAME=WEIGHTS")
@@ -138,7 +141,8 @@ def add_model_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
         action="append",
         required=True,
         metavar="NAME[=WEIGHTS]",
-        help="a model to serve (repeatable), e.g. digits-cnn=digits.safetensors" + note,
+        help="a model to serve (repeatable), e.g. digits-cnn=digits.safetensors; language "
+        "models for generation sessions: smollm2, hf:DIR, tiny:llama[:layers=6,...]" + note,
     )
     p.add_argument(
         "--input-shape",

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -31,8 +32,12 @@ from cloud.runtime import TailRuntime
 from cloud.scrape import ScrapeServer
 from cloud.service import SplitInferenceService
 from splitnet.errors import ConfigError
+from splitnet.llm.models import is_llm_name
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.wire import safe_parser, serialize_stream_message, stream_parser
+
+if TYPE_CHECKING:
+    from cloud.generation import GenerationService
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +86,7 @@ class CloudServer:
         self.health = health_servicer
         self.executor = executor
         self.port = port
+        self.generation: GenerationService | None = None  # when language models are served
         self._stopped = asyncio.Event()
 
     @classmethod
@@ -105,11 +111,14 @@ class CloudServer:
         )
         service = SplitInferenceService(runtime, config, executor, metrics=metrics)
         health_servicer = BoundedHealth(config.max_health_watches)
+        generation = await _generation(config, loop)
+        served = (SERVICE_NAME,) if generation is None else (SERVICE_NAME, generation[1])
         server.add_generic_rpc_handlers(
             (
                 _handlers(service),
+                *(() if generation is None else (generation[2],)),
                 health_servicer.handler(),
-                reflection_handler((SERVICE_NAME, health.SERVICE_NAME)),
+                reflection_handler((*served, health.SERVICE_NAME)),
             )
         )
         if config.tls_cert is not None and config.tls_key is not None:
@@ -132,9 +141,13 @@ class CloudServer:
                 ssl_context=_metrics_tls(config),
             )
             await scrape.start(config.metrics_host, config.metrics_port)
-        for name in ("", SERVICE_NAME):
+        for name in ("", *served):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return cls(config, server, service, health_servicer, executor, port, scrape)
+        made = cls(config, server, service, health_servicer, executor, port, scrape)
+        if generation is not None:
+            made.generation = generation[0]
+            generation[0].start_reaper()
+        return made
 
     @property
     def address(self) -> str:
@@ -145,9 +158,12 @@ class CloudServer:
     def banner(self) -> str:
         """The one start-up line: address, models, fingerprints, cuts."""
         models = "; ".join(
-            f"{m.name} fingerprint {m.fingerprint[:16]} cuts {len(m.graph.cuts)} "
-            f"({m.graph.cuts[0].name} .. {m.graph.cuts[-1].name})"
-            for m in self.service.runtime.models.values()
+            [
+                f"{m.name} fingerprint {m.fingerprint[:16]} cuts {len(m.graph.cuts)} "
+                f"({m.graph.cuts[0].name} .. {m.graph.cuts[-1].name})"
+                for m in self.service.runtime.models.values()
+            ]
+            + (self.generation.banner() if self.generation is not None else [])
         )
         c = self.config
         return (
@@ -179,6 +195,8 @@ class CloudServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s if grace is None else grace)
         await self.service.batcher.close()
+        if self.generation is not None:
+            await self.generation.close()
         if self.scrape is not None:
             await self.scrape.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -314,12 +332,43 @@ def _make_runtime(config: ServerConfig) -> TailRuntime:
 
         raise SplitNetError("--device cuda: no CUDA device is available here; use --device cpu")
     return TailRuntime(
-        config.models,
+        [m for m in config.models if not is_llm_name(m.name)],
         device=config.device,
         max_decoded_bytes=config.max_decoded_bytes,
         max_batch_size=config.max_batch_size,
         profile_runs=config.profile_runs,
     )
+
+
+async def _generation(
+    config: ServerConfig, loop: asyncio.AbstractEventLoop
+) -> tuple[GenerationService, str, grpc.GenericRpcHandler] | None:
+    """The generation service for the language models among ``config.models`` (loaded
+    off the event loop), or None when there are none.
+    """
+    names = [m.name for m in config.models if is_llm_name(m.name)]
+    if not names:
+        return None
+    from cloud.generation import GENERATION_SERVICE, GenerationService, generation_handler
+    from cloud.sessions import ServedLM, SessionLimits, SessionTable
+    from splitnet.llm import load_lm
+
+    def load() -> dict[str, ServedLM]:
+        return {n: ServedLM(load_lm(n), config.device) for n in names}
+
+    models = await loop.run_in_executor(None, load)
+    limits = SessionLimits(
+        max_sessions=config.llm_max_sessions,
+        max_tokens=config.llm_max_tokens,
+        kv_budget_bytes=config.llm_kv_budget_bytes,
+        idle_timeout_s=config.llm_idle_s,
+        max_batch_size=config.llm_max_batch,
+    )
+    service = GenerationService(
+        models, SessionTable(limits), max_message_bytes=config.max_message_bytes,
+        device=config.device,
+    )  # fmt: skip
+    return service, GENERATION_SERVICE, generation_handler(service)
 
 
 class BackgroundServer:

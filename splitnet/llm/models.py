@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -38,6 +40,7 @@ __all__ = [
     "LanguageModel",
     "is_llm_name",
     "load_lm",
+    "smollm2_cache_dir",
     "smollm2_path",
 ]
 
@@ -145,6 +148,9 @@ def _transformers() -> object:
 def load_lm(name: str) -> LanguageModel:
     """Load the language model ``name`` (see the module docstring), in eval mode."""
     _transformers()
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.disable_progress_bar()  # a quiet library: no tqdm bars while loading
     if name == SMOLLM2:
         lm = _load_smollm2()
     elif name.startswith("hf:"):
@@ -197,7 +203,42 @@ def smollm2_path() -> Path:
     return path
 
 
+def smollm2_cache_dir() -> Path:
+    """Where the float32 conversion of SmolLM2's GGUF file is kept: ``$SPLITNET_CACHE``
+    (default ``~/.cache/splitnet``), named after the file's size and mtime and the
+    transformers version, so a new file or a new transformers converts again.
+    """
+    import transformers
+
+    path = smollm2_path()
+    stat = path.stat()
+    root = Path(os.environ.get("SPLITNET_CACHE") or Path.home() / ".cache" / "splitnet")
+    return root / f"smollm2-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
+
+
 def _load_smollm2() -> LanguageModel:
+    """Parsing the GGUF file takes tens of seconds (its 49k-token vocabulary is read three
+    times: config, tensors, tokenizer), so the first load converts it once into a
+    ``save_pretrained`` directory and later loads read that (a few seconds).
+    """
+    cache = smollm2_cache_dir()
+    if not (cache / "config.json").is_file():
+        lm = _convert_smollm2()
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+        try:
+            lm.model.save_pretrained(str(tmp))
+            lm.tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
+            tmp.rename(cache)
+        except OSError as e:  # a read-only home: keep working from the GGUF file
+            logger.warning("could not keep the SmolLM2 conversion in %s: %s", cache, e)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return lm
+    lm = _load_hf(f"hf:{cache}")
+    lm.name = SMOLLM2
+    return lm
+
+
+def _convert_smollm2() -> LanguageModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -223,19 +264,21 @@ def _load_smollm2() -> LanguageModel:
 
 
 def _materialize_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers (rotary inverse frequencies) left on meta are recomputed."""
-    for module in model.modules():
-        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
-            fn = getattr(module, "rope_init_fn", None)
-            if fn is None:
-                raise ModelError(f"{type(module).__name__}: cannot rebuild its rotary buffer")
-            inv_freq, scaling = fn(module.config, torch.device("cpu"))
-            module.register_buffer("inv_freq", inv_freq, persistent=False)
-            module.original_inv_freq = inv_freq
-            module.attention_scaling = scaling
-    for mname, buf in list(model.named_buffers()):
+    """Modules whose non-persistent buffers (rotary frequencies) stayed on the meta device
+    are built again on the CPU from their config (they hold no weights).
+    """
+    for name, module in list(model.named_modules()):
+        own = list(module.buffers(recurse=False))
+        if not any(b.is_meta for b in own) or list(module.parameters(recurse=False)):
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise ModelError(f"{name} ({type(module).__name__}) has no value after loading")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, type(module)(config=config))
+    for bname, buf in model.named_buffers():
         if buf.is_meta:
-            raise ModelError(f"buffer {mname} has no value after loading")
+            raise ModelError(f"buffer {bname} has no value after loading")
 
 
 def _load_hf(name: str) -> LanguageModel:

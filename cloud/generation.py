@@ -1,0 +1,417 @@
+"""The ``splitnet.v1.SplitGeneration`` servicer: split text generation, one session per stream.
+
+    open ─► session table (capacity checked: fail fast) ─► prefill chunks ─► steps ─► close
+
+Each message states its position; the session's cache says what it must be. Decode
+steps of different sessions that are waiting together run as one batched call of their
+half (``Segment.forward_batch``: the caches are left-padded into one batch and each
+session gets its own new K/V back). Prefill chunks run alone. All compute runs on one
+worker thread, so the caches are never touched by two threads. The session's cache is
+freed when the stream ends for any reason. Protocol: proto/splitnet/v1/generation.proto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from cloud.job import RequestError
+from cloud.sessions import ServedLM, Session, SessionTable
+from splitnet.codecs import DecodeLimits, accepted_codecs, decode, encode, parse_codec
+from splitnet.errors import CodecError, ConfigError, PartitionError
+from splitnet.llm import Sampling, next_token, parse_block_cut
+from splitnet.v1 import generation_pb2 as gpb
+from splitnet.v1 import generation_pb2_grpc as gpb_grpc
+from splitnet.v1 import tensor_pb2 as tpb
+from splitnet.wire import Unparsable
+
+__all__ = ["GENERATION_SERVICE", "GenerationService", "StepBatcher"]
+
+logger = logging.getLogger(__name__)
+
+GENERATION_SERVICE = gpb.DESCRIPTOR.services_by_name["SplitGeneration"].full_name
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+MAX_CHUNK_TOKENS = 1024  # prefill tokens per message, at most (less when the message limit says)
+
+
+def max_chunk_tokens(hidden_size: int, max_message_bytes: int) -> int:
+    """Most prefill tokens one message may carry: float32 hidden states under the
+    message limit (64 KiB left for the rest of the message), at most 1024.
+    """
+    return max(1, min(MAX_CHUNK_TOKENS, (max_message_bytes - (64 << 10)) // (hidden_size * 4)))
+
+
+@dataclass(eq=False)
+class _Work:
+    """One prefill chunk or decode step waiting for the worker."""
+
+    session: Session
+    hidden: torch.Tensor  # [1, T, hidden], decoded
+    sample: bool  # block.K: pick the next token after this message
+    received: float
+    future: asyncio.Future[tuple[gpb.StepResult, float]] = field(repr=False)
+    started: float = 0.0
+
+
+class StepBatcher:
+    """Runs prefill chunks and decode steps on one worker; steps waiting together for the
+    same half are one batched call.
+    """
+
+    def __init__(self, max_batch_size: int, device: str = "cpu") -> None:
+        self.max_batch_size = max_batch_size
+        self.device = torch.device(device)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._queue: asyncio.Queue[_Work] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.batches: list[int] = []  # sizes of the step batches run (for tests and stats)
+
+    async def submit(self, work: _Work) -> tuple[gpb.StepResult, float]:
+        """Queue ``work``; returns its result and its encode time (ms)."""
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        await self._queue.put(work)
+        return await work.future
+
+    async def close(self) -> None:
+        """Stop the worker loop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            for group in self._groups(items):
+                try:
+                    results = await loop.run_in_executor(self.executor, self._run, group)
+                except Exception as e:  # an error belongs to the requests that caused it
+                    logger.exception("generation step failed")
+                    for w in group:
+                        if not w.future.done():
+                            w.future.set_exception(
+                                e if isinstance(e, RequestError) else RequestError(
+                                    grpc.StatusCode.INTERNAL, "the server failed on this step; "
+                                    "its log has the details"
+                                )
+                            )  # fmt: skip
+                    continue
+                for w, r in zip(group, results, strict=True):
+                    if not w.future.done():
+                        w.future.set_result(r)
+
+    def _groups(self, items: list[_Work]) -> list[list[_Work]]:
+        """Prefill chunks alone; single-token steps by half, up to max_batch_size each."""
+        groups: list[list[_Work]] = []
+        steps: dict[int, list[_Work]] = {}
+        for w in items:
+            if w.session.closed:
+                w.future.cancel()
+            elif w.hidden.shape[1] == 1:
+                bucket = steps.setdefault(id(w.session.half), [])
+                bucket.append(w)
+                if len(bucket) == self.max_batch_size:
+                    groups.append(steps.pop(id(w.session.half)))
+            else:
+                groups.append([w])
+        groups.extend(steps.values())
+        return groups
+
+    @torch.inference_mode()
+    def _run(self, group: list[_Work]) -> list[tuple[gpb.StepResult, float]]:
+        start = time.perf_counter()
+        for w in group:
+            w.started = start
+        segment = group[0].session.half.segment
+        xs = torch.cat([w.hidden for w in group]).to(self.device)
+        if len(group) == 1:
+            out = segment(xs, group[0].session.state)
+        else:
+            out = segment.forward_batch(xs, [w.session.state for w in group])
+            self.batches.append(len(group))
+        out = out.float().cpu()
+        compute_ms = (time.perf_counter() - start) * 1e3
+        results = []
+        for row, w in enumerate(group):
+            s = w.session
+            t0 = time.perf_counter()
+            result = gpb.StepResult(length=s.length)
+            timing = result.timing
+            timing.compute_ms = compute_ms
+            timing.batch_size = len(group)
+            if s.half.returns_logits:
+                if w.sample:
+                    result.token = next_token(out[row, -1], s.sampling, s.length)
+            else:
+                result.hidden.CopyFrom(encode(out[row : row + 1].contiguous(), s.codec))
+            results.append((result, (time.perf_counter() - t0) * 1e3))
+        return results
+
+
+class GenerationService(gpb_grpc.SplitGenerationServicer):
+    """Answers GetGenerationInfo and Generate for the language models in ``models``."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ServedLM],
+        table: SessionTable,
+        *,
+        max_message_bytes: int = 64 << 20,
+        device: str = "cpu",
+    ) -> None:
+        self.models = dict(models)
+        self.table = table
+        self.max_message_bytes = max_message_bytes
+        self.batcher = StepBatcher(table.limits.max_batch_size, device)
+        self.codecs = accepted_codecs(llm_safe_only=True)
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        """Stop the worker and the idle reaper; end every session."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for s in self.table.sessions():
+            self.table.end(s, "server stopped")
+        await self.batcher.close()
+
+    def start_reaper(self) -> None:
+        """End idle sessions in the background (also when their streams are silent)."""
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        period = min(max(self.table.limits.idle_timeout_s / 4, 0.05), 1.0)
+        while True:
+            await asyncio.sleep(period)
+            self.table.expire()
+
+    def banner(self) -> list[str]:
+        """One start-up phrase per language model."""
+        lim = self.table.limits
+        return [
+            f"{m.name} generation ({m.lm.num_layers} blocks, cuts block.K and "
+            f"block.K:block.M, {lim.max_sessions} sessions x {lim.max_tokens} tokens, "
+            f"KV budget {lim.kv_budget_bytes >> 20} MiB)"
+            for m in self.models.values()
+        ]
+
+    # ------------------------------------------------------------------ info
+    def info(self) -> gpb.GenerationInfo:
+        """Models, codecs, limits and capacity now."""
+        return gpb.GenerationInfo(
+            models=[m.to_pb() for m in self.models.values()],
+            codecs=list(self.codecs),
+            limits=self.table.limits.to_pb(),
+            capacity=self.table.capacity(),
+        )
+
+    async def GetGenerationInfo(  # noqa: N802 - the proto's name
+        self, request: gpb.GenerationInfoRequest, context: grpc.aio.ServicerContext
+    ) -> gpb.GenerationInfo:
+        """What is served and how much room is left."""
+        return self.info()
+
+    # ------------------------------------------------------------- sessions
+    async def Generate(  # noqa: N802 - the proto's name
+        self,
+        request_iterator: AsyncIterator[gpb.GenerateRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[gpb.GenerateResponse]:
+        """One session: open, prefill, steps, close (see the proto)."""
+        session: Session | None = None
+        reason = "dropped"
+        requests = request_iterator.__aiter__()
+        try:
+            while True:
+                wait = self.table.limits.idle_timeout_s
+                if session is not None:
+                    wait = max(self.table.idle_left_s(session), 0.0)
+                try:
+                    request = await asyncio.wait_for(requests.__anext__(), wait)
+                except StopAsyncIteration:
+                    reason = "half-closed"
+                    return
+                except TimeoutError:
+                    reason = "idle"
+                    raise RequestError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"session idle for more than {self.table.limits.idle_timeout_s:g} s: "
+                        "its cache was freed; open a new session and send the prefix again",
+                    ) from None
+                received = time.perf_counter()
+                if isinstance(request, Unparsable):
+                    raise RequestError(INVALID, "a GenerateRequest that does not parse")
+                if session is not None and session.closed:
+                    reason = session.end_reason
+                    raise RequestError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"session {session.id} ended ({session.end_reason}): its cache was "
+                        "freed; open a new session and send the prefix again",
+                    )
+                kind = request.WhichOneof("kind")
+                if kind == "open":
+                    if session is not None:
+                        raise RequestError(INVALID, "a second open on one stream: one session "
+                                           "per Generate stream")  # fmt: skip
+                    session = self._open(request.open)
+                    yield gpb.GenerateResponse(opened=self._opened(session))
+                    continue
+                if session is None:
+                    what = kind or "an empty message"
+                    raise RequestError(
+                        INVALID,
+                        f"{what} before open: the first message of a stream opens the session",
+                    )
+                self.table.touch(session)
+                if kind == "close":
+                    reason = "closed"
+                    yield gpb.GenerateResponse(closed=gpb.Closed(length=session.length))
+                    return
+                if kind == "prefill":
+                    p = request.prefill
+                    result = await self._advance(session, p.position, p.hidden, received,
+                                                 prefill=True, last=p.last)  # fmt: skip
+                else:
+                    s = request.step
+                    result = await self._advance(session, s.position, s.hidden, received,
+                                                 prefill=False, last=True)  # fmt: skip
+                yield gpb.GenerateResponse(result=result)
+        except RequestError as e:
+            if session is not None:
+                self.table.end(session, reason if reason != "dropped" else "error")
+            await context.abort(e.code, e.message)
+        finally:
+            if session is not None:
+                self.table.end(session, reason)
+
+    def _open(self, o: gpb.OpenSession) -> Session:
+        model = self.models.get(o.model)
+        if model is None:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no language model {o.model[:64]!r} here: this server generates with "
+                f"{', '.join(sorted(self.models)) or 'none'}",
+            )
+        try:
+            cut = parse_block_cut(o.cut, model.lm.num_layers)
+            codec = parse_codec(o.codec or "raw")
+            sampling = Sampling(
+                temperature=float(o.temperature), top_p=float(o.top_p or 1.0), seed=int(o.seed)
+            )
+        except (PartitionError, CodecError, ConfigError) as e:
+            raise RequestError(INVALID, str(e)) from None
+        if not codec.llm_safe:
+            raise RequestError(
+                INVALID,
+                f"codec {codec} is not safe for language-model hidden states (a few outlier "
+                f"channels wreck plain int8): use one of {', '.join(self.codecs)}",
+            )
+        return self.table.open(model, cut, codec, sampling, int(o.max_tokens))
+
+    def _opened(self, s: Session) -> gpb.Opened:
+        hidden = s.model.lm.hidden_size
+        return gpb.Opened(
+            session_id=s.id,
+            max_tokens=s.max_tokens,
+            max_chunk_tokens=max_chunk_tokens(hidden, self.max_message_bytes),
+            returns_tokens=s.half.returns_logits,
+            model=s.model.to_pb(),
+            limits=self.table.limits.to_pb(),
+            capacity=self.table.capacity(),
+        )
+
+    async def _advance(
+        self,
+        s: Session,
+        position: int,
+        wire: tpb.Tensor,
+        received: float,
+        *,
+        prefill: bool,
+        last: bool,
+    ) -> gpb.StepResult:
+        hidden_size = s.model.lm.hidden_size
+        limit = max_chunk_tokens(hidden_size, self.max_message_bytes) if prefill else 1
+        t0 = time.perf_counter()
+        try:
+            limits = DecodeLimits(max_rank=3, max_raw_bytes=limit * hidden_size * 8)
+            hidden = decode(wire, limits=limits)
+        except CodecError as e:
+            raise RequestError(INVALID, f"hidden states at position {position}: {e}") from None
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        n = hidden.shape[1] if hidden.dim() == 3 else 0
+        if (
+            hidden.dim() != 3
+            or hidden.shape[0] != 1
+            or hidden.shape[2] != hidden_size
+            or not (1 <= n <= limit)
+        ):
+            raise RequestError(
+                INVALID,
+                f"hidden states of shape {list(hidden.shape)[:4]}: a "
+                f"{'prefill chunk' if prefill else 'step'} carries [1, T, {hidden_size}] with "
+                f"1 <= T <= {limit}",
+            )
+        if hidden.dtype != torch.float32:
+            raise RequestError(INVALID, f"hidden states are {hidden.dtype}: send float32")
+        if s.last is not None and s.last[0] == position and s.last[1] == n:
+            return s.last[2]  # a retried message: the same answer, nothing appended
+        if position != s.length:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"position {position}, but session {s.id} holds {s.length} tokens: the next "
+                f"message must state position {s.length}",
+            )
+        if s.length + n > s.max_tokens:
+            raise RequestError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"{s.length + n} tokens would pass this session's max_tokens {s.max_tokens}: "
+                "open a session with a larger max_tokens",
+            )
+        loop = asyncio.get_running_loop()
+        work = _Work(s, hidden, last, received, loop.create_future())
+        result, encode_ms = await self.batcher.submit(work)
+        result.position = position
+        t = result.timing
+        t.queue_ms = (work.started - received) * 1e3 - decode_ms
+        t.decode_ms = decode_ms
+        t.encode_ms = encode_ms
+        t.total_ms = (time.perf_counter() - received) * 1e3
+        s.last = (position, n, result)
+        return result
+
+
+def generation_handler(service: GenerationService) -> grpc.GenericRpcHandler:
+    """The service's method handlers (requests parsed safely: a bad one is INVALID_ARGUMENT)."""
+    from splitnet.wire import safe_parser
+
+    handlers = {
+        "GetGenerationInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetGenerationInfo,
+            request_deserializer=safe_parser(gpb.GenerationInfoRequest),
+            response_serializer=gpb.GenerationInfo.SerializeToString,
+        ),
+        "Generate": grpc.stream_stream_rpc_method_handler(
+            service.Generate,
+            request_deserializer=safe_parser(gpb.GenerateRequest),
+            response_serializer=gpb.GenerateResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(GENERATION_SERVICE, handlers)
