@@ -362,6 +362,7 @@ class _Run:
                 functools.partial(self._step, position, hidden), step=True
             )
             timing["edge_ms"] += edge_ms
+            timing["total_ms"] += edge_ms
             steps.append(TokenTiming(**timing))
         total = time.perf_counter() - start
         self._close(polite=True)
