@@ -330,3 +330,22 @@ def test_generate_command_mistakes_are_one_line(server, capsys) -> None:
         status = main(["generate", "--server", server.address, "--model", "tiny:llama", *args])
         err = capsys.readouterr().err
         assert status == 2 and err.count("\n") == 1 and text in err, err
+
+
+def test_generation_needs_the_bearer_token_when_the_server_has_one(lms) -> None:
+    from splitnet.errors import UnauthenticatedError
+
+    token = "generation-token-0123456789"
+    config = ServerConfig(models=(ModelEntry(name="tiny:llama"),), port=0,
+                          tokens=frozenset({token}))  # fmt: skip
+    s = BackgroundServer(config)
+    try:
+        lm = lms["tiny:llama"]
+        with Generator(s.address, GenerateConfig(model="tiny:llama"), lm=lm) as g:
+            with pytest.raises(UnauthenticatedError):
+                g.generate([1, 2, 3], 4)
+        with Generator(s.address, GenerateConfig(model="tiny:llama", token=token), lm=lm) as g:
+            assert g.generate([1, 2, 3], 4).tokens == reference(lm, [1, 2, 3], 4)
+        assert len(s.server.generation.table) == 0
+    finally:
+        s.stop()
