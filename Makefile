@@ -8,7 +8,7 @@ WEIGHTS := .cache/digits-cnn.safetensors
 PROTOS := $(wildcard proto/splitnet/v1/*.proto)
 
 # demo-llm: split generation with SmolLM2-135M-Instruct.
-.PHONY: install test lint demo demo-llm proto sweep soak bench-codecs bench-overhead bench-ray lock clean
+.PHONY: install test lint demo demo-llm proto sweep soak bench-codecs bench-llm-codecs bench-overhead bench-ray lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,10 @@ demo-llm: $(STAMP)
 
 bench-codecs: $(STAMP)
 	$(PY) -m benchmarks.codecs
+
+# Hidden-state codecs on SmolLM2 at block cuts: bytes/token, greedy and top-1 agreement.
+bench-llm-codecs: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m benchmarks.llm_codecs
 
 # Where to cut, per network: resnet18 on a device emulated 10x slower than this
 # machine, and the trained digits model, over the default link profiles.

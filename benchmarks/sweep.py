@@ -9,8 +9,12 @@ between it and a real ``EdgeClient``. For each link profile the planner predicts
 with raw input, all in the cloud with losslessly compressed input), the planner's
 choice, every pair predicted within ``--factor`` of the best, and a seeded sample of
 the rest that can finish within ``--max-request-s``. Pairs only predicted are marked
-``measured = false`` everywhere. Per link it reports the planner's choice, its measured
-latency, the measured best and the regret (choice / best).
+``measured = false`` everywhere. The planner is the real one: per link a fresh
+``cut="auto"`` client runs ``--auto-requests`` requests (learning the link, the cloud
+compute and its own edge timings, exploring on its schedule); its choice and its
+predictions after those requests are what the rows and the summary report. Per link:
+the choice, its measured latency, the measured best, the regret (choice / best), and
+the prediction error of every measured pair (median, maximum, and the best baseline's).
 
 Output in --out: sweep.csv and sweep.json (one row per link x cut x codec), summary.json
 (one entry per link, with the prediction error of every measured pair, and its median
@@ -30,7 +34,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +43,14 @@ import torch
 
 from benchmarks.link import LinkProfile, LinkRelay, load_profiles, parse_link
 from benchmarks.sweep_plots import bytes_plot, latency_plot
-from edge.auto import calibrate_agreement
+from edge.auto import AutoPlan, calibrate_agreement
 from edge.client import EdgeClient, InferResult
 from splitnet.codecs import parse_codec
 from splitnet.data import Split, load_digits
 from splitnet.examples import example_input
 from splitnet.models import resolve
 from splitnet.partition import INPUT, OUTPUT
-from splitnet.planning import LinkEstimate, Planner, Prediction, measure_costs
+from splitnet.planning import CostTable, LinkEstimate, Prediction, measure_costs
 from splitnet.report import codec_accuracy
 
 
@@ -184,27 +189,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 edge_slowdown=args.edge_slowdown,
                 agreement=agreement,
             )
-            planner = Planner(table, accuracy_budget=args.accuracy_budget)
             for link in links:
                 relay.set_links(up=link.up, down=link.down)
                 client.refresh_info()
                 rtt = statistics.median(client.probe_rtt() for _ in range(5))
-                est = LinkEstimate(up_mbit=link.up.mbit, down_mbit=link.down.mbit, rtt_ms=rtt)
-                # Calibrate the edge side on live requests over this link (two pairs,
-                # marked "calibration" and left out of the prediction error), then predict:
-                # what the rows call "predicted" is what the planner believes before it
-                # sees each pair. How much slower a head runs between network waits than
-                # in a profiling loop depends on how long the waits are.
-                calib = calibrate(client, planner, table, est, xs)
-                preds = planner.candidates(est)
-                choice = preds[0]
+                # The planner as a user runs it: a fresh cut="auto" client on this link.
+                # Its priors: the device profile measured above, the server's table, and
+                # the link's nominal figures with the probed RTT (a device knows roughly
+                # what network it is on); it learns all of them from its own requests.
+                # What the rows call "predicted" is what it believes after those requests.
+                prior = LinkEstimate(up_mbit=link.up.mbit, down_mbit=link.down.mbit, rtt_ms=rtt)
+                auto = run_auto(relay.address, args, table, prior, xs)
+                plan = auto.plan
+                est = plan.estimator.estimate
+                preds = plan.planner.candidates(est)
+                assert plan.prediction is not None
+                chosen = (plan.prediction.cut, plan.prediction.codec)
+                choice = next(p for p in preds if (p.cut, p.codec) == chosen)
                 keys = choose_measured(
                     preds, args.factor, args.sample, args.max_request_s * 1e3, args.seed
                 )
-                keys.add((choice.cut, choice.codec))
-                measured: dict[tuple[str, str], dict[str, float]] = dict(calib)
+                keys.add(chosen)
+                measured: dict[tuple[str, str], dict[str, float]] = {}
                 for cut, codec in tqdm(
-                    sorted(keys - calib.keys(), key=lambda k: table_index(client, k)),
+                    sorted(keys, key=lambda k: table_index(client, k)),
                     desc=f"{link.name}",
                     unit="pair",
                     file=sys.stderr,
@@ -225,15 +233,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "predicted_ms": p.total_ms,
                         **{f"pred_{k}": v for k, v in asdict(p).items() if k.endswith("_ms")},
                         "measured": (p.cut, p.codec) in measured,
-                        "calibration": (p.cut, p.codec) in calib,
-                        "planner_choice": (p.cut, p.codec) == (choice.cut, choice.codec),
+                        "calibration": False,  # the planner fits nothing to these rows
+                        "planner_requests": auto.visits.get((p.cut, p.codec), 0),
+                        "planner_choice": (p.cut, p.codec) == chosen,
                         "accuracy": accuracy.get((p.cut, p.codec)),
                     }
                     row.update(measured.get((p.cut, p.codec), {}))
                     rows.append(row)
                 summary.append(link_summary(link, choice, measured, rtt))
-                summary[-1]["edge_scale"] = planner.edge_scale
-                summary[-1]["local_scale"] = planner.local_scale
+                summary[-1].update(auto.summary())
     finally:
         relay.stop()
         cloud.stop()
@@ -243,29 +251,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "summary": summary, "pictures": pictures}
 
 
-def calibrate(
-    client: EdgeClient,
-    planner: Planner,
-    table: Any,
-    est: LinkEstimate,
+@dataclass
+class AutoRun:
+    """What the cut="auto" client did on one link."""
+
+    plan: AutoPlan
+    results: list[InferResult]
+
+    @property
+    def visits(self) -> Counter[tuple[str, str]]:
+        """Requests it sent per (cut, codec)."""
+        return Counter((r.cut, r.codec) for r in self.results)
+
+    def summary(self) -> dict[str, Any]:
+        """Its plans, probes and own steady latency (the last 10 requests at its choice)."""
+        plan = self.plan
+        assert plan.prediction is not None
+        chosen = (plan.prediction.cut, plan.prediction.codec)
+        tail = [r.timing.total_ms for r in self.results[-10:] if (r.cut, r.codec) == chosen]
+        return {
+            "planner_requests": len(self.results),
+            "planner_probes": len(plan.probes),
+            "planner_plans": [f"{n}: {p.cut} {p.codec}" for n, p in plan.history],
+            "planner_replans": len(plan.replans),
+            "planner_own_p50_ms": statistics.median(tail) if tail else None,
+            "edge_scale": plan.planner.edge_scale,
+            "local_scale": plan.planner.local_scale,
+            "link_estimate": asdict(plan.estimator.estimate),
+        }
+
+
+def run_auto(
+    address: str,
+    args: argparse.Namespace,
+    table: CostTable,
+    prior: LinkEstimate,
     xs: list[torch.Tensor],
-) -> dict[tuple[str, str], dict[str, float]]:
-    """Measure all-on-device and the cheapest split with real head work; set the scales."""
-    local = summarize(measure(client, xs, OUTPUT, "none"))
-    planner.local_scale = local["measured_edge_ms"] / max(table.edge_ms[OUTPUT], 1e-3)
-    full = table.edge_ms[OUTPUT]
-    remote = [
-        p
-        for p in planner.candidates(est)
-        if p.cut not in (OUTPUT, INPUT) and table.edge_ms[p.cut] >= 0.2 * full
-    ]
-    out = {(OUTPUT, "none"): local}
-    if remote:
-        pick = remote[0]
-        split = summarize(measure(client, xs, pick.cut, pick.codec))
-        planner.edge_scale = split["measured_edge_ms"] / max(table.edge_ms[pick.cut], 1e-3)
-        out[(pick.cut, pick.codec)] = split
-    return out
+) -> AutoRun:
+    """``--auto-requests`` requests through a fresh cut="auto" client on ``address``."""
+    with EdgeClient(
+        address,
+        args.model,
+        weights=args.weights,
+        cut="auto",
+        costs=table,
+        link=prior,
+        accuracy_budget=args.accuracy_budget,
+        edge_slowdown=args.edge_slowdown,
+        deadline_s=args.max_request_s * 4,
+        retries=0,
+    ) as auto:
+        results = [auto.infer(xs[i % len(xs)]) for i in range(args.auto_requests)]
+        assert auto.auto is not None
+        return AutoRun(auto.auto, results)
 
 
 def table_index(client: EdgeClient, key: tuple[str, str]) -> int:
@@ -367,6 +405,13 @@ def prediction_errors(rows: list[dict[str, Any]], link: str) -> dict[str, Any]:
     ]
     scored = [p for p in pairs if not p["calibration"]]
     worst = max(scored, key=lambda p: abs(p["error"]), default=None)
+    # The baseline a user would otherwise pick (fastest measured): a planner that
+    # mispredicts it can lose to it without knowing.
+    best_base = min(
+        (p for p in pairs if p["baseline"] is not None),
+        key=lambda p: p["measured_ms"],
+        default=None,
+    )
     return {
         "prediction_error_median": (
             statistics.median(abs(p["error"]) for p in scored) if scored else None
@@ -377,6 +422,9 @@ def prediction_errors(rows: list[dict[str, Any]], link: str) -> dict[str, Any]:
         "baseline_prediction_errors": {
             p["baseline"]: p["error"] for p in pairs if p["baseline"] is not None
         },
+        "best_baseline": best_base["baseline"] if best_base else None,
+        "best_baseline_measured_ms": best_base["measured_ms"] if best_base else None,
+        "best_baseline_prediction_error": best_base["error"] if best_base else None,
         "prediction_errors": pairs,
     }
 
@@ -440,6 +488,19 @@ def print_summary(summary: list[dict[str, Any]], slowdown: float) -> None:
             f"max {_pct(s['prediction_error_max'])} ({s['prediction_error_worst']}) over "
             f"{s['prediction_errors_scored']} measured pairs; baselines: {base or 'none measured'}"
         )
+        if s.get("best_baseline") is not None:
+            print(
+                f"  {'':<{width}} best baseline {s['best_baseline']} "
+                f"{s['best_baseline_measured_ms']:.2f} ms, pred err "
+                f"{100 * s['best_baseline_prediction_error']:+.1f}%"
+            )
+        if "planner_requests" in s:
+            own = s["planner_own_p50_ms"]
+            print(
+                f"  {'':<{width}} cut=auto client: {s['planner_requests']} requests, "
+                f"{s['planner_probes']} probes, plans {'; '.join(s['planner_plans'])}"
+                + (f", own p50 {own:.2f} ms" if own is not None else "")
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=3.0,
         help="pairs predicted slower than this are only predicted",
+    )
+    p.add_argument(
+        "--auto-requests",
+        type=int,
+        default=40,
+        help="requests the cut=auto client runs per link before its choice is read",
     )
     p.add_argument("--accuracy-budget", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,9 @@ its one thread with no timeout (one idle connection blocks every scrape) and kee
 thread per connection. This endpoint instead:
 
 - handshakes TLS with a timeout, off any shared thread (asyncio's ``ssl_handshake_timeout``);
-- holds at most ``max_connections`` connections; more are closed at once;
+- holds at most ``max_connections`` connections; when full, a new one takes the place
+  of the oldest still waiting for its request (a scraper sends its request at once, so
+  idle connections cannot lock scrapers out), or is closed if none is waiting;
 - reads one request of at most ``MAX_HEADER_BYTES`` within ``timeout_s``, answers it and
   closes: no idle connection lasts;
 - asks for what the gRPC port asks for, unless the operator opens it on purpose: a
@@ -44,6 +46,9 @@ class ScrapeServer:
         self.max_connections = max_connections
         self.timeout_s = timeout_s
         self.active = 0
+        self.evicted = 0  # idle connections closed to make room
+        self._reading: dict[asyncio.StreamWriter, None] = {}  # waiting for a request, oldest first
+        self._gone: set[asyncio.StreamWriter] = set()  # evicted: their place is already given
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -83,12 +88,23 @@ class ScrapeServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.active >= self.max_connections:
-            writer.close()
-            return
+            if not self._reading:
+                writer.close()
+                return
+            oldest = next(iter(self._reading))
+            del self._reading[oldest]
+            oldest.transport.abort()  # its handler ends; its place is ours now
+            self._gone.add(oldest)
+            self.active -= 1
+            self.evicted += 1
         self.active += 1
         try:
-            async with asyncio.timeout(self.timeout_s):
-                head = await reader.readuntil(b"\r\n\r\n")
+            self._reading[writer] = None
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            finally:
+                self._reading.pop(writer, None)
             method, _, rest = head.partition(b" ")
             path = rest.partition(b" ")[0].split(b"?")[0]
             if method not in (b"GET", b"HEAD") or path not in (b"/metrics", b"/"):
@@ -110,5 +126,8 @@ class ScrapeServer:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass
         finally:
-            self.active -= 1
+            if writer in self._gone:
+                self._gone.discard(writer)
+            else:
+                self.active -= 1
             writer.close()

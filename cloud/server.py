@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2
 
 from cloud.auth import TokenAuthInterceptor
 from cloud.config import ServerConfig
+from cloud.memory import manage_memory
 from cloud.metrics import Metrics
 from cloud.probes import BoundedHealth, reflection_handler
 from cloud.runtime import TailRuntime
@@ -96,6 +97,7 @@ class CloudServer:
             # Loading and profiling take seconds: keep the loop free meanwhile.
             runtime = await loop.run_in_executor(None, _make_runtime, config)
         executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="tail")
+        manage_memory()  # freed request memory goes back to the system (cloud/memory.py)
         metrics = Metrics() if config.metrics_port is not None else None
         interceptors = (
             [TokenAuthInterceptor(config.tokens, on_refuse=_count_refusals(metrics))]

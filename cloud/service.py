@@ -32,7 +32,14 @@ from splitnet import __version__
 from splitnet.errors import ProtocolError
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.v1 import inference_pb2_grpc as pb_grpc
-from splitnet.wire import ChunkReader, RawChunk, Unparsable, iter_chunks, strip_payloads
+from splitnet.wire import (
+    ChunkReader,
+    OutOfBounds,
+    RawChunk,
+    Unparsable,
+    iter_chunks,
+    strip_payloads,
+)
 
 __all__ = ["SplitInferenceService"]
 
@@ -129,8 +136,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     ) -> AsyncIterator[pb.StreamResponse | RawChunk]:
         answers: asyncio.Queue[_Answer | None] = asyncio.Queue(STREAM_WINDOW)
         broken: list[RequestError] = []
+        # context.read(), not the iterator: grpc's iterator keeps the last message alive
+        # while it waits for the next, so a stalled stream would pin a refused message.
         reader = asyncio.get_running_loop().create_task(
-            self._read_stream(request_iterator, self._client(context), answers, broken)
+            self._read_stream(_messages(context), self._client(context), answers, broken)
         )
         try:
             while (item := await answers.get()) is not None:
@@ -282,8 +291,13 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         waiting: Job | None = None  # the admitted job whose chunks are arriving
         refused = -1  # id of a chunked request refused at its header: its chunks are dropped
         messages = aiter(requests)
+        msg: pb.StreamRequest | RawChunk | Unparsable | None = None
+        req: pb.InferRequest | None = None
         try:
             while True:
+                # Hold nothing of the last message while waiting for the next: a refused
+                # one (however large it parsed to) must not stay pinned by a stalled stream.
+                msg = req = None
                 try:
                     if waiting is None:
                         msg = await anext(messages)
@@ -329,6 +343,14 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                             waiting.payloads = payloads
                             job, waiting = waiting, None
                             await answers.put(await self._answer_soon(job.request, client, job))
+                elif isinstance(msg, OutOfBounds) and msg.request_id is not None:
+                    # A request far over a count bound, refused unparsed: answered in-band
+                    # by its id; chunks that follow it are dropped, as for any refusal.
+                    chunks.check_idle(msg.request_id)
+                    error = RequestError(INVALID, msg.message)
+                    self._failed(None, error)
+                    await answers.put(_error_envelope(msg.request_id, error))
+                    refused = msg.request_id
                 elif isinstance(msg, Unparsable):
                     raise ProtocolError(msg.message)
                 else:
@@ -338,7 +360,16 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             broken.append(RequestError(INVALID, str(e)))
         except RequestError as e:
             broken.append(e)
+        except Exception as e:  # a bug of ours: the stream ends with a status, not silently
+            logger.error("stream reader failed inside the server", exc_info=e)
+            broken.append(
+                RequestError(
+                    grpc.StatusCode.INTERNAL,
+                    "the stream failed inside the server; the server log has the details",
+                )
+            )
         finally:
+            msg = req = None
             if waiting is not None:  # its chunks never completed: give back what it held
                 self._release(waiting)
             await answers.put(None)
@@ -430,6 +461,20 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 took,
                 error.message,
             )
+
+
+async def _messages(
+    context: grpc.aio.ServicerContext,
+) -> AsyncIterator[pb.StreamRequest | RawChunk | Unparsable]:
+    """The stream's messages, read with ``context.read()``; no reference to one is kept
+    here once it has been handed on.
+    """
+    while True:
+        msg = await context.read()
+        if msg is grpc.aio.EOF:
+            return
+        yield msg
+        del msg
 
 
 def _internal(request: pb.InferRequest, error: Exception) -> RequestError:

@@ -37,11 +37,17 @@ from edge.auto import AutoPlan
 from edge.config import EdgeConfig, EdgeOptions
 from edge.model import DeviceModel
 from edge.results import InferResult, Timing
-from edge.route import Route
-from edge.stream import StreamCall, outputs_per_sample, response_bound
+from edge.route import Route, as_stream_request
+from edge.stream import Lane, LaneBroken, StreamCall, code_name, outputs_per_sample, response_bound
 from edge.transport import UNREACHABLE, RetryPolicy, Transport, default_lb_policy, lb_options
 from splitnet.codecs import decode, encode, parse_codec, torch_dtype
-from splitnet.errors import ConfigError, ModelMismatchError, RemoteError
+from splitnet.errors import (
+    ConfigError,
+    ModelMismatchError,
+    ProtocolError,
+    RemoteError,
+    remote_error,
+)
 from splitnet.partition import OUTPUT
 from splitnet.report import sample_input
 from splitnet.v1 import inference_pb2 as pb
@@ -126,6 +132,7 @@ class EdgeClient:
         self._max_message = 64 << 20
         self._max_batch = 0  # 0: no limit known
         self._response_bound = response_bound(1 << 20)
+        self._lane: Lane | None = None  # the open stream ``infer`` sends on
         first = self.device.first_cut() if config.auto else config.cut
         self._route = self._make_route(self.device.cut(first).name, config.codec)
 
@@ -249,7 +256,9 @@ class EdgeClient:
             raise
 
     def close(self) -> None:
-        """Close the channel."""
+        """Close the stream and the channel."""
+        if self._lane is not None:
+            self._drop_lane(self._lane)
         self.transport.close()
 
     def refresh_info(self) -> pb.ModelInfo:
@@ -295,10 +304,24 @@ class EdgeClient:
         return self.server_info
 
     def _follow_plan(self) -> None:
-        assert self.auto is not None and self.auto.prediction is not None
-        p = self.auto.prediction
-        if (p.cut, p.codec) != (self._route.cut, self._route.codec):
-            self.use(cut=p.cut, codec=None if p.codec == "none" else p.codec)
+        assert self.auto is not None
+        cut, codec = self.auto.next_choice()  # the plan, or an exploring probe
+        if (cut, codec) != (self._route.cut, self._route.codec):
+            self.use(cut=cut, codec=None if codec == "none" else codec)
+
+    def _reconnected(self) -> None:
+        """A call got through after a failure: the server may have restarted, or be
+        another machine. Read its table again (cut="auto": it is the planner's prior).
+        """
+        if self.auto is None:
+            return
+        try:
+            info = self.refresh_info()
+        except RemoteError as e:  # still flaky: the next reconnect tries again
+            logger.debug("refreshing the server's table failed: %s", e)
+            return
+        self.auto.refresh(info)
+        self._follow_plan()
 
     def probe_rtt(self) -> float:
         """Round trip (ms) of a request with almost no payload and no compute: the
@@ -342,11 +365,32 @@ class EdgeClient:
         started = time.perf_counter()
         frontier = self._run_head(route, x, started)
         t1 = time.perf_counter()
-        data = route.request(next(self._ids), route.encode(frontier))
+        rid = next(self._ids)
+        data = route.request(rid, route.encode(frontier))
         if len(data) > self._max_message:  # too big for one message: chunks on a stream
             (result,) = self.infer_many([x])
             return result
         sent = time.perf_counter()
+        if transport.connected_once:  # on the open stream: no per-call cost
+            answer = self._on_lane(rid, data, int(x.shape[0]))
+            if answer is not None:
+                if isinstance(answer, RemoteError):
+                    if self.config.fallback == "local" and answer.code in UNREACHABLE:
+                        return self._local(x, reason=str(answer))
+                    raise answer
+                resp, payloads, size = answer
+                received = time.perf_counter()
+                timing = Timing(
+                    edge_ms=(t1 - started) * 1e3,
+                    encode_ms=(sent - t1) * 1e3,
+                    bytes_sent=len(data),
+                    bytes_received=size,
+                )
+                result = self._finish(resp, payloads, route, timing, started, sent, received)
+                if self.auto is not None:
+                    self._learn(result, link=True)
+                return result
+            sent = time.perf_counter()
         try:
             raw = transport.infer_raw(
                 data, timeout=transport.policy.deadline_s, metadata=transport.metadata
@@ -365,6 +409,9 @@ class EdgeClient:
                 if self.config.fallback == "local" and err.code in UNREACHABLE:
                     return self._local(x, reason=str(err))
                 raise
+            reconnected = True
+        else:
+            reconnected = False
         received = time.perf_counter()
         resp = pb.InferResponse.FromString(raw)
         timing = Timing(
@@ -375,8 +422,51 @@ class EdgeClient:
         )
         result = self._finish(resp, None, route, timing, started, sent, received)
         if self.auto is not None:
-            self._learn(result, link=True)
+            self._learn(result, link=not reconnected)
+            if reconnected:
+                self._reconnected()
         return result
+
+    def _on_lane(
+        self, rid: int, data: bytes, batch: int
+    ) -> tuple[pb.InferResponse, list[bytearray] | None, int] | RemoteError | None:
+        """Request ``rid`` on the persistent stream: its answer, the error that is its
+        own (in-band, or the deadline), or None when it should go the unary way (the
+        lane is busy with another thread, broke, or the server asks for a retry).
+        """
+        lane = self._lane
+        if lane is None:
+            lane = self._lane = Lane(self.transport, self.transport.policy.deadline_s)
+        if not lane.lock.acquire(blocking=False):
+            return None
+        try:
+            resp, payloads, size = lane.ask(
+                as_stream_request(data), rid, self._response_bound(batch)
+            )
+        except LaneBroken as e:
+            self._drop_lane(lane)
+            if e.expired:
+                return remote_error(
+                    "DEADLINE_EXCEEDED",
+                    f"no answer to request {rid} within {self.transport.policy.deadline_s:g} s",
+                )
+            return None
+        except ProtocolError:
+            self._drop_lane(lane)
+            raise
+        finally:
+            lane.lock.release()
+        if resp.HasField("error"):
+            code = code_name(resp.error.code)
+            if self.transport.policy.retryable(code):
+                return None  # the unary path retries it, with backoff
+            return remote_error(code, resp.error.message)
+        return resp, payloads, size
+
+    def _drop_lane(self, lane: Lane) -> None:
+        if self._lane is lane:
+            self._lane = None
+        lane.close()
 
     def _run_head(self, route: Route, x: torch.Tensor, started: float) -> Any:
         with torch.no_grad():
@@ -423,8 +513,7 @@ class EdgeClient:
         result.prediction = self.auto.learn(
             result, link=link, probe_rtt=self.probe_rtt if link else None
         )
-        if link:
-            self._follow_plan()
+        self._follow_plan()
 
     def _infer_in_parts(self, x: torch.Tensor) -> InferResult:
         """A batch larger than the server's ``max_batch_size``: pipelined in parts, joined."""
@@ -452,9 +541,14 @@ class EdgeClient:
         attempt = 0
         while True:
             if self._route.cut == OUTPUT:  # planned all on the device: nothing to stream
-                for x in itertools.chain(replay, source):
+                source, replay = itertools.chain(replay, source), deque()
+                for x in source:
                     yield self._planned_local(x)
-                return
+                    if self._route.cut != OUTPUT:  # the plan (or a probe) went remote
+                        break
+                else:
+                    return
+                continue
             self.transport.require_open()
             stream = StreamCall(
                 self,
@@ -466,7 +560,9 @@ class EdgeClient:
             )
             try:
                 for result in stream.results():
-                    attempt = 0
+                    if attempt:  # a retried stream got through: the server may be new
+                        attempt = 0
+                        self._reconnected()
                     yield result
                 return
             except RemoteError as e:
@@ -488,6 +584,7 @@ class EdgeClient:
         result = self._local(x, reason=None)
         if self.auto is not None:
             self.auto.observe_local(OUTPUT, result.timing.edge_ms)
+            self._follow_plan()
         return result
 
     def _local(self, x: torch.Tensor, reason: str | None) -> InferResult:

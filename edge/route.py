@@ -20,7 +20,7 @@ from splitnet.codecs import encode_parts
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.wire import encode_varint
 
-__all__ = ["Encoded", "Route"]
+__all__ = ["Encoded", "Route", "as_stream_request"]
 
 _TAG_ID = b"\x08"  # InferRequest.id: field 1, varint
 _TAG_FRONTIER = b"\x2a"  # InferRequest.frontier: field 5, length-delimited
@@ -90,8 +90,7 @@ class Route:
 
     def stream_request(self, rid: int, parts: Encoded) -> bytes:
         """The serialised ``StreamRequest`` wrapping ``request(rid, parts)``."""
-        inner = self.request(rid, parts)
-        return b"".join((_TAG_REQUEST, _varint(len(inner)), inner))
+        return as_stream_request(self.request(rid, parts))
 
     def chunked_header(self, rid: int, parts: Encoded) -> bytes:
         """The serialised ``StreamRequest`` announcing the payloads as chunks (left out)."""
@@ -109,3 +108,8 @@ class Route:
 def payload_bytes(parts: Encoded) -> int:
     """Total payload bytes of an encoded frontier."""
     return sum(len(p) if isinstance(p, bytes) else p.nbytes for _, p in parts)
+
+
+def as_stream_request(request: bytes) -> bytes:
+    """A serialised ``InferRequest`` as the ``StreamRequest`` that carries it."""
+    return b"".join((_TAG_REQUEST, _varint(len(request)), request))

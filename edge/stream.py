@@ -38,7 +38,7 @@ from splitnet.wire import ChunkReader, RawChunk, iter_chunks
 if TYPE_CHECKING:
     from edge.client import EdgeClient
 
-__all__ = ["StreamCall", "code_name", "outputs_per_sample", "response_bound"]
+__all__ = ["Lane", "LaneBroken", "StreamCall", "code_name", "outputs_per_sample", "response_bound"]
 
 _END = object()  # ends the request iterator (half-close)
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -285,3 +285,102 @@ def response_bound(outputs_per_sample: int) -> Callable[[int], int]:
 def outputs_per_sample(info: pb.ModelInfo) -> int:
     """Values in one sample's outputs, from ``GetModelInfo``."""
     return sum(math.prod(o.shape[1:]) for o in info.outputs) or 1
+
+
+class LaneBroken(Exception):
+    """The lane's stream failed; ``expired`` when its watchdog cut it at the deadline."""
+
+    def __init__(self, error: grpc.RpcError | None, *, expired: bool) -> None:
+        super().__init__("the lane's stream failed")
+        self.error = error
+        self.expired = expired
+
+
+class Lane:
+    """A persistent ``InferStream`` for requests one at a time (``EdgeClient.infer``).
+
+    A unary ``Infer`` pays for a whole call on both sides: a new HTTP/2 stream,
+    metadata, a status. A message on a stream that is already open pays for none of
+    that, so ``infer`` sends each request on this lane once the channel has connected,
+    and a broken lane sends the request the unary way (with its retries) and is
+    opened again on the next request. One request is on the lane at a time (a client
+    used from several threads sends the others unary); its deadline is watched by
+    one thread per lane, which wakes only once per deadline while the lane is idle.
+    """
+
+    def __init__(self, transport: Any, deadline_s: float) -> None:
+        self.lock = threading.Lock()  # held by the request on the lane
+        self._deadline_s = deadline_s
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._call = transport.stream(iter(self._outbox.get, _END), metadata=transport.metadata)
+        self._replies = iter(self._call)
+        self._reader = ChunkReader("response")
+        self._due = 0.0  # perf_counter time the request on the lane must be answered by
+        self._guard = threading.Condition()
+        self._expired = False
+        self._closed = False
+        threading.Thread(target=self._watch, daemon=True, name="splitnet-lane").start()
+
+    def _watch(self) -> None:
+        with self._guard:
+            while not self._closed:
+                due = self._due
+                now = time.perf_counter()
+                if due and now >= due:
+                    self._expired = True
+                    self._call.cancel()
+                    return
+                self._guard.wait(due - now if due else self._deadline_s)
+
+    def ask(
+        self, data: bytes, rid: int, max_response_bytes: int
+    ) -> tuple[pb.InferResponse, list[bytearray] | None, int]:
+        """Send one request (a serialized ``StreamRequest``); its response, its chunked
+        payloads (or None) and the bytes received. The caller holds ``lock``.
+        """
+        with self._guard:
+            self._due = time.perf_counter() + self._deadline_s
+        self._outbox.put(data)
+        try:
+            received = 0
+            while True:
+                msg = next(self._replies)
+                kind = msg.WhichOneof("kind")
+                if kind == "response":
+                    resp = msg.response
+                    if resp.id != rid:
+                        raise ProtocolError(
+                            f"the server answered request {resp.id}, expected {rid}"
+                        )
+                    if not resp.chunked_payload_bytes:
+                        return resp, None, msg.ByteSize()
+                    if self._reader.start(
+                        rid,
+                        resp.chunked_payload_bytes,
+                        len(resp.outputs),
+                        max_total=max_response_bytes,
+                    ):
+                        return resp, self._reader.take(), msg.ByteSize()
+                    pending, received = resp, msg.ByteSize()
+                elif kind in ("raw_chunk", "chunk"):
+                    chunk = msg if isinstance(msg, RawChunk) else msg.chunk
+                    received += len(chunk.data)
+                    if self._reader.add(chunk.id, chunk.data):
+                        return pending, self._reader.take(), received
+                else:
+                    raise ProtocolError("the server sent a message that is not a StreamResponse")
+        except grpc.RpcError as e:
+            raise LaneBroken(e, expired=self._expired) from None
+        except StopIteration:
+            raise LaneBroken(None, expired=False) from None
+        finally:
+            with self._guard:
+                self._due = 0.0
+
+    def close(self) -> None:
+        """End the stream and its watchdog."""
+        with self._guard:
+            self._closed = True
+            self._guard.notify()
+        self._outbox.put(_END)
+        self._call.cancel()

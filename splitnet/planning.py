@@ -5,9 +5,22 @@ Neurosurgeon's latency model, extended with codecs and live measurements::
     T(cut, codec) = edge(cut) + encode(cut, codec) + bytes(cut, codec) * 8 / B_up + RTT
                     + queue + decode(cut, codec) + cloud(cut) + result_bytes * 8 / B_down
 
-``edge`` is profiled on the device, ``cloud`` by the server (``GetModelInfo``),
-``bytes``/``encode``/``decode`` are measured on real inputs, and ``B_up``, ``RTT`` and
-``queue`` come from the link (a profile, or ``LinkEstimator`` fed by live requests).
+Every component starts from a prior and is then learned from live requests:
+
+* ``edge``: the device's profile (``measure_costs``), then the client's own timing of
+  the head at each cut it runs. Cuts not yet run keep the profile, scaled by how much
+  slower heads run between network waits than in the profiling loop (``edge_scale``;
+  ``local_scale`` for the all-on-device choice).
+* ``cloud``: the server's start-up profile (``GetModelInfo``), then the ``compute_ms``
+  every response reports at that cut, per batch size.
+* ``encode``/``decode``: per codec, a throughput measured on two frontiers and scaled
+  to each cut's size, then the client's encode timing and the server's ``decode_ms``.
+* ``bytes``: ``splitnet.codecs.estimate_nbytes`` on each cut's frontier (no encoding).
+* ``B_up``, ``RTT``, ``queue``: a link prior, then ``LinkEstimator`` (as before).
+
+A learned value (``learned``) is the median of the last ``WINDOW`` observations; until
+there are ``TRUST_AFTER``, the lower median of them and the prior, so one observation
+below the prior replaces it at once, and a prior too low is replaced by the third.
 The cut ``output`` runs everything on the device: T = edge(output), no network.
 Lossy codecs are allowed only where their calibrated agreement with the unsplit model
 loses at most ``accuracy_budget``.
@@ -18,22 +31,28 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from splitnet.codecs import decode, encode, parse_codec
-from splitnet.partition import OUTPUT, SplitGraph
+from splitnet.codecs import decode, encode, estimate_nbytes, parse_codec
+from splitnet.partition import INPUT, OUTPUT, SplitGraph
 from splitnet.profiling import profile_cuts
 
 __all__ = [
+    "CodecSpeed",
     "CostTable",
     "LinkEstimate",
     "LinkEstimator",
     "Planner",
     "Prediction",
+    "frontier_bytes",
+    "learned",
     "measure_costs",
+    "table_from_frontiers",
 ]
 
 
@@ -73,6 +92,7 @@ class CostTable:
     result_bytes: int  # response size
     request_overhead_bytes: int = 120  # request fields besides the frontier
     edge_slowdown: float = 1.0  # factor already applied to edge_ms (1: real device)
+    learn_edge: bool = True  # False: edge_ms are stated (a test's device); timings do not move them
 
     @property
     def codecs(self) -> list[str]:
@@ -122,30 +142,141 @@ class Prediction:
         )
 
 
+WINDOW = 16  # observations a learned component keeps
+TRUST_AFTER = 3  # observations after which the prior no longer counts
+REPLAN_RATIO = 1.25  # re-plan when a learned component moves by this factor...
+REPLAN_FLOOR_MS = 0.5  # ...and by at least this much
+
+
+def learned(prior: float, samples: Sequence[float] | None, trust_after: int = TRUST_AFTER) -> float:
+    """The median of ``samples``; until there are ``trust_after``, the lower median of
+    them and ``prior`` (see the module docstring). No samples: the prior.
+    """
+    values = list(samples or ())
+    if len(values) >= trust_after:
+        return statistics.median(values)  # what a request will most likely see
+    values.append(prior)
+    values.sort()
+    return values[(len(values) - 1) // 2]
+
+
 class Planner:
-    """Predicts every (cut, codec) on a link and picks the fastest one allowed."""
+    """Predicts every (cut, codec) on a link from learned components and picks the
+    fastest one allowed.
+    """
 
     def __init__(self, table: CostTable, *, accuracy_budget: float = 0.005) -> None:
         self.table = table
         self.accuracy_budget = accuracy_budget
-        # Measured edge time / profiled edge time, learned from live requests. A head run
-        # between network waits is slower than in a tight profiling loop (caches and
-        # threads go cold), and more so than the whole model run back to back on the
-        # device, so the two are calibrated apart: ``edge_scale`` for heads of split
-        # requests, ``local_scale`` for the all-on-device choice.
+        # Measured edge time / profiled edge time, learned from live requests: the prior
+        # of cuts not yet run. A head run between network waits is slower than in a tight
+        # profiling loop (caches and threads go cold), and more so than the whole model
+        # run back to back on the device, so the two are calibrated apart: ``edge_scale``
+        # for heads of split requests, ``local_scale`` for the all-on-device choice.
         self.edge_scale = 1.0
         self.local_scale = 1.0
+        self.batch = 1  # the server batch requests are predicted to meet (the last seen)
+        self.edge_seen: dict[str, deque[float]] = {}  # cut -> head times measured here
+        self.cloud_seen: dict[tuple[str, int], deque[float]] = {}  # (cut, batch) -> compute
+        self.encode_seen: dict[tuple[str, str], deque[float]] = {}  # (cut, codec) -> encode
+        self.decode_seen: dict[tuple[str, str], deque[float]] = {}  # (cut, codec) -> server
+        # Value of each component the last plan used, recorded when it first changes.
+        self._basis: dict[tuple[str, object], float] = {}
+        self.moved: str | None = None  # which component moved enough to re-plan, if any
+
+    # ------------------------------------------------------------ components
+    def edge_ms(self, cut: str) -> float:
+        """The head at ``cut`` on this device (``output``: the whole model)."""
+        scale = self.local_scale if cut == OUTPUT else self.edge_scale
+        return learned(self.table.edge_ms[cut] * scale, self.edge_seen.get(cut))
+
+    def cloud_ms(self, cut: str, batch: int | None = None) -> float:
+        """The tail at ``cut`` on the server, for a batch of ``batch`` samples (default:
+        the batch requests meet now). The prior of a batch not yet seen is the
+        profile (batch 1) times the batch: an upper bound, as batching only saves.
+        """
+        b = self.batch if batch is None else batch
+        prior = self.table.cloud_ms.get(cut, 0.0) * b
+        return learned(prior, self.cloud_seen.get((cut, b)))
+
+    def encode_ms(self, cut: str, codec: str) -> float:
+        """Encoding the frontier of ``cut`` with ``codec`` on the device."""
+        return learned(self.table.pairs[(cut, codec)].encode_ms, self.encode_seen.get((cut, codec)))
+
+    def decode_ms(self, cut: str, codec: str) -> float:
+        """Decoding it on the server."""
+        return learned(self.table.pairs[(cut, codec)].decode_ms, self.decode_seen.get((cut, codec)))
+
+    # ------------------------------------------------------------ learning
+    def _add(
+        self,
+        kind: str,
+        seen: dict[Any, deque[float]],
+        key: Any,
+        value: float,
+        current: Callable[[], float],
+    ) -> None:
+        """Record one observation of a component; note it if it moved since the plan."""
+        if not math.isfinite(value) or value < 0:
+            return
+        basis = self._basis.setdefault((kind, key), current())
+        seen.setdefault(key, deque(maxlen=WINDOW)).append(value)
+        now = current()
+        hi, lo = max(now, basis), min(now, basis)
+        if hi - lo >= REPLAN_FLOOR_MS and hi >= REPLAN_RATIO * lo:
+            self.moved = self.moved or f"{kind} {key}: {basis:.2f} -> {now:.2f} ms"
 
     def observe_edge(self, cut: str, measured_ms: float, alpha: float = 0.3) -> None:
-        """Calibrate the edge scale (split or local) from one request at ``cut``."""
-        profiled = self.table.edge_ms.get(cut, 0.0)
-        if profiled > 0.05 and measured_ms > 0:
+        """The client's own timing of the head at ``cut`` (``output``: the whole model)."""
+        if not self.table.learn_edge or cut not in self.table.edge_ms:
+            return
+        profiled = self.table.edge_ms[cut]
+        if cut == OUTPUT and profiled > 0.05 and measured_ms > 0:
             ratio = min(max(measured_ms / profiled, 0.2), 20.0)
-            if cut == OUTPUT:
-                self.local_scale = (1 - alpha) * self.local_scale + alpha * ratio
-            else:
-                self.edge_scale = (1 - alpha) * self.edge_scale + alpha * ratio
+            self.local_scale = (1 - alpha) * self.local_scale + alpha * ratio
+        self._add("edge", self.edge_seen, cut, measured_ms, lambda: self.edge_ms(cut))
+        if cut not in (INPUT, OUTPUT):  # input's head is nothing: no ratio to learn
+            # The median over the heads run twice or more of (their median here, the
+            # first run left out: it pays one-time costs) / profiled.
+            ratios = [
+                statistics.median(list(seen)[1:]) / self.table.edge_ms[c]
+                for c, seen in self.edge_seen.items()
+                if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05 and len(seen) > 1
+            ]
+            if ratios:
+                self.edge_scale = min(max(statistics.median(ratios), 0.2), 20.0)
 
+    def observe_request(
+        self,
+        cut: str,
+        codec: str,
+        *,
+        edge_ms: float,
+        encode_ms: float,
+        decode_ms: float,
+        cloud_ms: float,
+        batch: int,
+    ) -> None:
+        """One answered split request: the device's head and encode timings and the
+        server's decode and compute (for its whole batch of ``batch`` samples).
+        """
+        self.observe_edge(cut, edge_ms)
+        b = max(int(batch), 1)
+        self._add("cloud", self.cloud_seen, (cut, b), cloud_ms, lambda: self.cloud_ms(cut, b))
+        if b != self.batch:
+            self.moved = self.moved or f"server batch {self.batch} -> {b}"
+            self.batch = b
+        if (cut, codec) in self.table.pairs:
+            pair = (cut, codec)
+            self._add("encode", self.encode_seen, pair, encode_ms, lambda: self.encode_ms(*pair))
+            self._add("decode", self.decode_seen, pair, decode_ms, lambda: self.decode_ms(*pair))
+
+    def planned(self) -> None:
+        """A plan was made on the current components: movement is measured from here."""
+        self._basis.clear()
+        self.moved = None
+
+    # ------------------------------------------------------------ predicting
     def allowed(self, cut: str, codec: str) -> bool:
         """Lossless always; lossy only where calibrated within the accuracy budget."""
         if parse_codec(codec).lossless:
@@ -158,22 +289,21 @@ class Planner:
         )
 
     def predict(self, cut: str, codec: str, link: LinkEstimate) -> Prediction:
-        """The latency model for one choice."""
+        """The latency model for one choice, on the learned components."""
         t = self.table
         if cut == OUTPUT:
-            edge = t.edge_ms[OUTPUT] * self.local_scale
-            return Prediction(OUTPUT, "none", edge, 0, 0, 0, 0, 0, 0, 0, 0)
+            return Prediction(OUTPUT, "none", self.edge_ms(OUTPUT), 0, 0, 0, 0, 0, 0, 0, 0)
         pair = t.pairs[(cut, codec)]
         return Prediction(
             cut=cut,
             codec=codec,
-            edge_ms=t.edge_ms[cut] * self.edge_scale,
-            encode_ms=pair.encode_ms,
+            edge_ms=self.edge_ms(cut),
+            encode_ms=self.encode_ms(cut, codec),
             up_ms=pair.bytes_up * 8 / (link.up_mbit * 1e3),
             rtt_ms=link.rtt_ms,
             queue_ms=link.queue_ms,
-            decode_ms=pair.decode_ms,
-            cloud_ms=t.cloud_ms.get(cut, 0.0),
+            decode_ms=self.decode_ms(cut, codec),
+            cloud_ms=self.cloud_ms(cut),
             down_ms=t.result_bytes * 8 / (link.down_mbit * 1e3),
             bytes_up=pair.bytes_up,
         )
@@ -205,6 +335,61 @@ def _median_ms(fn: Callable[[], object], runs: int) -> float:
     return statistics.median(times)
 
 
+@dataclass(frozen=True)
+class CodecSpeed:
+    """Encode and decode time of one codec as a line in the frontier's raw bytes,
+    fitted on two frontiers (the smallest and the largest): what a cut not timed costs.
+    """
+
+    encode_fixed_ms: float
+    encode_ms_per_mb: float
+    decode_fixed_ms: float
+    decode_ms_per_mb: float
+
+    @classmethod
+    def fit(
+        cls, codec: str, small: Sequence[torch.Tensor], large: Sequence[torch.Tensor], runs: int
+    ) -> CodecSpeed:
+        """Time ``codec`` on both frontiers; a line through the two points."""
+        points = []
+        for frontier in (small, large):
+            msgs = [encode(t, codec) for t in frontier]
+            enc = _median_ms(lambda f=frontier: [encode(t, codec) for t in f], runs)  # type: ignore[misc]
+            dec = _median_ms(lambda m=msgs: [decode(x) for x in m], runs)  # type: ignore[misc]
+            points.append((_raw_mb(frontier), enc, dec))
+        (s_mb, s_enc, s_dec), (l_mb, l_enc, l_dec) = points
+        span = l_mb - s_mb
+        enc_slope = max((l_enc - s_enc) / span, 0.0) if span > 0 else 0.0
+        dec_slope = max((l_dec - s_dec) / span, 0.0) if span > 0 else 0.0
+        return cls(
+            encode_fixed_ms=max(s_enc - enc_slope * s_mb, 0.0),
+            encode_ms_per_mb=enc_slope if span > 0 else l_enc / max(l_mb, 1e-9),
+            decode_fixed_ms=max(s_dec - dec_slope * s_mb, 0.0),
+            decode_ms_per_mb=dec_slope if span > 0 else l_dec / max(l_mb, 1e-9),
+        )
+
+    def times(self, frontier: Sequence[torch.Tensor]) -> tuple[float, float]:
+        """(encode_ms, decode_ms) predicted for ``frontier``."""
+        mb = _raw_mb(frontier)
+        return (
+            self.encode_fixed_ms + self.encode_ms_per_mb * mb,
+            self.decode_fixed_ms + self.decode_ms_per_mb * mb,
+        )
+
+
+def _raw_mb(frontier: Sequence[torch.Tensor]) -> float:
+    return sum(t.numel() * t.element_size() for t in frontier) / 1e6
+
+
+def frontier_bytes(frontier: Sequence[torch.Tensor], codec: str) -> int:
+    """Wire bytes of ``frontier`` in a request (each ``Tensor`` message and its field
+    framing), from ``estimate_nbytes`` on the tensors themselves: no encoding.
+    """
+    return sum(
+        estimate_nbytes(codec, tuple(t.shape), t.dtype, sample=t).nbytes + 4 for t in frontier
+    )
+
+
 @torch.no_grad()
 def measure_costs(
     graph: SplitGraph,
@@ -219,30 +404,55 @@ def measure_costs(
     cuts: Iterable[str] | None = None,
 ) -> CostTable:
     """Profile ``graph`` on this device with input ``x`` (batch 1): head latency per cut
-    (median of ``runs``), and per (cut, codec) the request bytes and encode/decode time.
+    (``profile_cuts``), and per (cut, codec) the request bytes (``estimate_nbytes``)
+    and encode/decode time (``CodecSpeed``: each codec timed on two frontiers only).
     """
     edge = {p.cut: p.head_ms * edge_slowdown for p in profile_cuts(graph, (x,), runs=runs)}
-    names = list(cuts) if cuts is not None else graph.names
+    names = [c for c in (list(cuts) if cuts is not None else graph.names) if c != OUTPUT]
+    frontiers = {cut: list(graph.split(cut)[0](x)) for cut in names}
+    return table_from_frontiers(
+        frontiers,
+        edge,
+        codecs,
+        cloud_ms,
+        result_bytes=result_bytes,
+        runs=runs,
+        edge_slowdown=edge_slowdown,
+        agreement=agreement,
+    )
+
+
+def table_from_frontiers(
+    frontiers: dict[str, list[torch.Tensor]],
+    edge_ms: dict[str, float],
+    codecs: Sequence[str],
+    cloud_ms: dict[str, float],
+    *,
+    result_bytes: int,
+    runs: int = 5,
+    edge_slowdown: float = 1.0,
+    agreement: dict[tuple[str, str], float] | None = None,
+) -> CostTable:
+    """The cost table from each cut's frontier on a real input and the head times."""
     pairs: dict[tuple[str, str], PairCost] = {}
-    for cut in names:
-        if cut == OUTPUT:
-            continue
-        head, _ = graph.split(cut)
-        frontier = head(x)
+    if frontiers:
+        by_size = sorted(frontiers.values(), key=_raw_mb)
+        small, large = by_size[0], by_size[-1]
         for codec in codecs:
-            msgs = [encode(t, codec) for t in frontier]
-            enc = _median_ms(lambda: [encode(t, codec) for t in frontier], runs)  # noqa: B023
-            dec = _median_ms(lambda: [decode(m) for m in msgs], runs)  # noqa: B023
-            pairs[(cut, codec)] = PairCost(
-                cut=cut,
-                codec=str(parse_codec(codec)),
-                bytes_up=sum(m.ByteSize() + 4 for m in msgs),
-                encode_ms=enc,
-                decode_ms=dec,
-                agreement=(agreement or {}).get((cut, str(parse_codec(codec)))),
-            )
+            name = str(parse_codec(codec))
+            speed = CodecSpeed.fit(name, small, large, runs)
+            for cut, frontier in frontiers.items():
+                enc, dec = speed.times(frontier)
+                pairs[(cut, name)] = PairCost(
+                    cut=cut,
+                    codec=name,
+                    bytes_up=frontier_bytes(frontier, name),
+                    encode_ms=enc,
+                    decode_ms=dec,
+                    agreement=(agreement or {}).get((cut, name)),
+                )
     return CostTable(
-        edge_ms=edge,
+        edge_ms=edge_ms,
         cloud_ms=cloud_ms,
         pairs=pairs,
         result_bytes=result_bytes,

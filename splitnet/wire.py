@@ -10,15 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from splitnet.codecs.registry import MAX_SPEC_CHARS
 from splitnet.errors import ProtocolError
 from splitnet.v1 import tensor_pb2
 
 __all__ = [
+    "BOUNDS",
     "CHUNK_BYTES",
     "ChunkReader",
+    "OutOfBounds",
     "RawChunk",
     "Reassembler",
     "iter_chunks",
+    "scan_bounds",
     "parse_chunk",
     "serialize_chunk",
     "serialize_stream_message",
@@ -77,15 +81,183 @@ class Unparsable:
 
 
 def safe_parser(message_type: Any) -> Any:
-    """Deserializer returning ``Unparsable`` instead of raising on malformed bytes."""
+    """Deserializer returning ``Unparsable`` instead of raising on malformed bytes.
+
+    Inference messages are first scanned against ``BOUNDS`` (``scan_bounds``), so a
+    repeated field with far more entries than any valid message has is refused before
+    protobuf builds it (a packed int64 takes 1 byte on the wire and 8 once parsed).
+    """
+    bounds = BOUNDS.get(message_type.DESCRIPTOR.full_name)
 
     def parse(data: bytes) -> Any:
+        if bounds is not None and len(data) > SCAN_FROM_BYTES:
+            problem = scan_bounds(data, bounds)
+            if problem is not None:
+                return OutOfBounds(message_type, problem, _request_id(data, message_type))
         try:
             return message_type.FromString(data)
         except Exception as e:  # protobuf's DecodeError, RuntimeWarning-free
             return Unparsable(message_type, e)
 
     return parse
+
+
+class OutOfBounds(Unparsable):
+    """A message refused by ``scan_bounds`` before it was parsed."""
+
+    def __init__(self, message_type: Any, problem: str, request_id: int | None = None) -> None:
+        self.message = f"{message_type.DESCRIPTOR.full_name} refused before parsing: {problem}"
+        self.request_id = request_id  # a stream request's id, so it can be answered in-band
+
+
+def _request_id(data: bytes, message_type: Any) -> int | None:
+    """The id of the request a ``StreamRequest``'s bytes carry (None if there is none)."""
+    if message_type.DESCRIPTOR.full_name != "splitnet.v1.StreamRequest":
+        return None
+    try:
+        buf, pos = memoryview(data), 0
+        tag, pos = _read_varint(buf, pos)
+        if tag != 0x0A:  # field 1, length-delimited: the request
+            return None
+        length, pos = _read_varint(buf, pos)
+        end = min(pos + length, len(buf))
+        for _ in range(MAX_SCAN_FIELDS):  # the id is usually the first field
+            if pos >= end:
+                return 0
+            tag, pos = _read_varint(buf, pos)
+            if tag == 0x08:
+                return _read_varint(buf, pos)[0]
+            kind = tag & 7
+            if kind == 0:
+                pos = _read_varint(buf, pos)[1]
+            elif kind == 2:
+                n, pos = _read_varint(buf, pos)
+                pos += n
+            elif kind in (1, 5):
+                pos += 8 if kind == 1 else 4
+            else:
+                return None
+    except ValueError:
+        return None
+    return None
+
+
+# ------------------------------------------------------- bounds before parsing
+#
+# What a valid message can hold, per field: at most ``count`` entries of a repeated
+# field (packed or not), and for a message field the bounds of its own fields. The
+# scan reads tags and lengths only (O(fields), never O(bytes)), skips payloads, and
+# stops at MAX_SCAN_FIELDS fields in all.
+
+SCAN_FROM_BYTES = 64 << 10  # smaller messages parse to little whatever they hold
+MAX_SCAN_FIELDS = 1 << 16  # fields one message may have, at every depth together
+MAX_TENSORS = 1024  # tensors in one request or response (a frontier holds a few)
+MAX_WIRE_RANK = 32  # dimensions of one wire tensor (decode's own limit is lower)
+MAX_STEPS = 4  # codec steps of one wire tensor (decode accepts two)
+
+
+class Field:
+    """Bounds of one field: most entries; for a message field its fields' bounds; for a
+    string field the most bytes it may hold.
+    """
+
+    __slots__ = ("count", "fields", "name", "size")
+
+    def __init__(
+        self,
+        name: str,
+        count: int,
+        fields: dict[int, Field] | None = None,
+        *,
+        size: int | None = None,
+    ) -> None:
+        self.name = name
+        self.count = count
+        self.fields = fields  # None: a scalar or string field
+        self.size = size  # a string field's most bytes; None: not a string field
+
+
+MAX_NAME_BYTES = 1024  # a model or cut name ("pkg.module:callable" names included)
+
+
+_TENSOR = {1: Field("shape", MAX_WIRE_RANK), 3: Field("steps", MAX_STEPS, {})}
+_REQUEST = {
+    2: Field("model", 1, size=MAX_NAME_BYTES),
+    3: Field("cut", 1, size=MAX_NAME_BYTES),
+    4: Field("fingerprint", 1, size=MAX_NAME_BYTES),
+    5: Field("frontier", MAX_TENSORS, _TENSOR),
+    6: Field("output_codec", 1, size=MAX_SPEC_CHARS),
+    7: Field("chunked_payload_bytes", MAX_TENSORS),
+}
+_RESPONSE = {
+    2: Field("outputs", MAX_TENSORS, _TENSOR),
+    5: Field("chunked_payload_bytes", MAX_TENSORS),
+}
+BOUNDS: dict[str, dict[int, Field]] = {
+    "splitnet.v1.InferRequest": _REQUEST,
+    "splitnet.v1.StreamRequest": {1: Field("request", 8, _REQUEST)},
+    "splitnet.v1.InferResponse": _RESPONSE,
+    "splitnet.v1.StreamResponse": {1: Field("response", 8, _RESPONSE)},
+}
+
+
+def scan_bounds(data: bytes | memoryview, fields: dict[int, Field]) -> str | None:
+    """Why ``data`` exceeds ``fields``' bounds, or None (also for malformed bytes:
+    protobuf then says what is wrong with them).
+    """
+    budget = [MAX_SCAN_FIELDS]
+    try:
+        return _scan(memoryview(data), fields, budget)
+    except ValueError:
+        return None
+
+
+def _scan(buf: memoryview, fields: dict[int, Field], budget: list[int]) -> str | None:
+    counts: dict[int, int] = {}
+    pos, end = 0, len(buf)
+    while pos < end:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return f"more than {MAX_SCAN_FIELDS} fields"
+        tag, pos = _read_varint(buf, pos)
+        number, kind = tag >> 3, tag & 7
+        if kind == 0:
+            _, pos = _read_varint(buf, pos)
+            n, sub = 1, None
+        elif kind == 1 or kind == 5:
+            pos += 8 if kind == 1 else 4
+            n, sub = 1, None
+        elif kind == 2:
+            length, pos = _read_varint(buf, pos)
+            sub = buf[pos : pos + length]
+            pos += length
+            bound = fields.get(number)
+            if bound is not None and bound.size is not None:
+                if length > bound.size:
+                    return (
+                        f"field {bound.name!r} of {length} bytes; a valid message has at "
+                        f"most {bound.size}"
+                    )
+                continue  # a string: proto3 keeps the last one, so any count is fine
+            # Packed varints take 1 to 10 bytes each: the length gives a lower bound.
+            n = 1 if bound is None or bound.fields is not None else -(-length // 10)
+        else:
+            return None  # groups or junk: protobuf will refuse it
+        bound = fields.get(number)
+        if bound is None:
+            continue
+        seen = counts.get(number, 0) + n
+        if seen > bound.count:
+            return (
+                f"field {bound.name!r} has {seen} entries or more; a valid message has at "
+                f"most {bound.count}"
+            )
+        counts[number] = seen
+        if sub is not None and bound.fields:
+            problem = _scan(sub, bound.fields, budget)
+            if problem is not None:
+                return f"{bound.name}: {problem}"
+    return None
 
 
 def stream_parser(message_type: Any) -> Any:

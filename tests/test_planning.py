@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,25 @@ import torch
 from conftest import ServerThread
 
 from benchmarks.link import Link, LinkRelay
+from cloud.config import ModelEntry, ServerConfig
+from cloud.runtime import TailRuntime
+from edge.auto import AutoPlan, is_probe_point
 from edge.client import EdgeClient
+from edge.results import InferResult, Timing
 from splitnet.codecs import encode
 from splitnet.data import load_digits
 from splitnet.models import load_model
 from splitnet.partition import trace
-from splitnet.planning import CostTable, LinkEstimate, LinkEstimator, PairCost, Planner
+from splitnet.planning import (
+    CostTable,
+    LinkEstimate,
+    LinkEstimator,
+    PairCost,
+    Planner,
+    frontier_bytes,
+    learned,
+)
+from splitnet.v1 import inference_pb2 as pb
 
 
 def _table() -> CostTable:
@@ -77,7 +91,8 @@ def _device_profile(x: torch.Tensor, weights: Path) -> CostTable:
     """A device whose profile is stated, not measured: heads cost 0 ms (input), 40 ms
     (pool1) and 100 ms (the whole model); the server's tails 1 and 0.5 ms. Request sizes
     are real (the frontier encoded as it is sent). Nothing in it depends on how fast
-    this machine happens to be, so the plan depends only on the link.
+    this machine happens to be, so the plan depends only on the link (``learn_edge``
+    False: the client's timings of the heads do not replace the stated figures).
     """
     graph = trace(load_model("digits-cnn", weights), (x,))
     pairs = {}
@@ -92,6 +107,7 @@ def _device_profile(x: torch.Tensor, weights: Path) -> CostTable:
         cloud_ms={"input": 1.0, "pool1": 0.5},
         pairs=pairs,
         result_bytes=96,
+        learn_edge=False,
     )
 
 
@@ -113,7 +129,8 @@ def test_auto_moves_to_the_new_best_cut_when_bandwidth_drops(
             relay.address, "digits-cnn", weights=digits_weights, cut="auto", costs=table
         ) as client,
     ):
-        assert client.auto is not None and client.auto.planner.table is table
+        assert client.auto is not None and client.auto.planner.table.pairs is table.pairs
+        assert client.auto.planner.table.cloud_ms["pool1"] == 0.5  # the given table wins
         for _ in range(10):
             client.infer(x)
         before = client.cut
@@ -174,3 +191,172 @@ def test_small_sweep_writes_csv_json_png(digits_weights: Path, tmp_path: Path) -
     # One latency picture per link, one bytes picture per model (bytes do not depend on it).
     for png in [tmp_path / f"latency-{link}.png" for link in ("WiFi", "4G")] + [tmp_path / "bytes.png"]:
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------ learning every component
+
+
+def test_a_learned_value_replaces_its_prior() -> None:
+    """One observation below the prior replaces it; a prior too low goes at the third."""
+    assert learned(30.0, []) == 30.0
+    assert learned(30.0, [0.3]) == 0.3  # the profile was too slow: trusted at once
+    assert learned(0.5, [5.0]) == 0.5  # one slow observation (a tail built) moves nothing
+    assert learned(0.5, [5.0, 6.0]) == 5.0  # the lower median of prior and two
+    assert learned(0.5, [5.0, 6.0, 5.5]) == 5.5  # three: the prior no longer counts
+
+
+def _request(cut: str, codec: str, *, cloud: float, batch: int = 1, edge: float = 0.0) -> InferResult:
+    """An answered request as the client reports it (what the planner learns from)."""
+    t = Timing(edge_ms=edge, encode_ms=0.1, cloud_ms=cloud, server_decode_ms=0.1,
+               batch_size=batch, total_ms=edge + 0.2 + cloud + 10.0, bytes_sent=200,
+               bytes_received=100)  # fmt: skip
+    return InferResult(output=None, cut=cut, codec=codec, timing=t)
+
+
+def test_cloud_compute_is_learned_per_cut_and_batch() -> None:
+    planner = Planner(_table())
+    assert planner.cloud_ms("input") == 2.0 and planner.cloud_ms("input", 4) == 8.0
+    planner.observe_request(
+        "input", "raw", edge_ms=0, encode_ms=0.1, decode_ms=0.1, cloud_ms=0.2, batch=1
+    )
+    assert planner.cloud_ms("input") == 0.2 and planner.moved is not None
+    planner.planned()
+    for ms in (3.0, 3.1, 2.9):  # batches of 4 cost what they cost, apart from batch 1
+        planner.observe_request(
+            "input", "raw", edge_ms=0, encode_ms=0.1, decode_ms=0.1, cloud_ms=ms, batch=4
+        )
+    assert planner.cloud_ms("input", 4) == 3.0 and planner.cloud_ms("input", 1) == 0.2
+    assert planner.batch == 4 and planner.moved is not None  # requests now meet batches of 4
+
+
+def test_edge_compute_is_learned_from_the_clients_timing() -> None:
+    planner = Planner(_table())
+    planner.observe_edge("mid", 40.0)  # the first run pays one-time costs
+    for _ in range(3):
+        planner.observe_edge("mid", 12.0)  # the head runs 12 ms here, not the profiled 5
+    assert planner.edge_ms("mid") == 12.0 and planner.edge_scale == pytest.approx(12 / 5)
+    # A cut not yet run keeps its profile, scaled like the heads that were run.
+    assert planner.edge_ms("input") == 0.0 and planner.edge_scale > 1.5
+    stated = Planner(replace(_table(), learn_edge=False))
+    stated.observe_edge("mid", 12.0)
+    assert stated.edge_ms("mid") == 5.0
+
+
+def test_exploration_is_a_doubling_schedule_and_costs_log_n_requests() -> None:
+    """Probes go out at requests 8, 16, 32, ... and the one after each (by count, so
+    deterministically), in turn to the best all-cloud choice, all on the device, and
+    the runner-up."""
+    link = LinkEstimate(up_mbit=20.0, down_mbit=20.0, rtt_ms=1.0)  # the plan: cut mid
+    plan = AutoPlan.from_table(_table(), prior=link)
+    chosen = (plan.prediction.cut, plan.prediction.codec) if plan.prediction else None
+    sent = []
+    for _ in range(1000):
+        cut, codec = plan.next_choice()
+        sent.append((cut, codec))
+        if cut == "output":
+            plan.observe_local(cut, 20.0)  # what the table says: nothing moves
+        else:
+            pair = plan.planner.table.pairs[(cut, codec)]
+            plan.learn(
+                _request(cut, codec, cloud=plan.planner.table.cloud_ms[cut],
+                         edge=plan.planner.table.edge_ms[cut]),
+                link=False, probe_rtt=None,
+            )  # fmt: skip
+            assert pair.bytes_up > 0
+    assert [n for n, _, _ in plan.probes] == [8, 16, 32, 64, 128, 256, 512]
+    assert all(is_probe_point(n) for n, _, _ in plan.probes)
+    # Two requests per probe: 14 of 1000 requests (1.4%) went elsewhere than the plan.
+    assert sum(k != chosen for k in sent) == 2 * len(plan.probes) == 14
+    assert all(sent[n - 1] == sent[n] != chosen for n, _, _ in plan.probes)
+    targets = [(c, k) for _, c, k in plan.probes]
+    assert chosen == ("mid", "raw") and set(targets) == {("input", "raw"), ("output", "none")}
+    # On a link where sending the input alone takes over 4x the plan, it is not probed.
+    slow = AutoPlan.from_table(_table(), prior=replace(link, up_mbit=8.0))
+    assert slow.prediction is not None and slow.prediction.cut == "mid"
+    assert slow.probe_targets() == [("output", "none")]
+
+
+def test_a_refreshed_server_table_is_the_prior_again() -> None:
+    link = LinkEstimate(up_mbit=8.0, down_mbit=8.0, rtt_ms=10.0)
+    plan = AutoPlan.from_table(_table(), prior=link)
+    for ms in (0.4, 0.5, 0.6):
+        plan.learn(_request("mid", "raw", cloud=ms, edge=5.0), link=False, probe_rtt=None)
+    assert plan.planner.cloud_ms("mid") == 0.5
+    info = pb.ModelInfo(name="m")
+    info.cuts.add(name="mid", tail_latency_ms=9.0)
+    plan.refresh(info)  # a restarted (slower) server: its profile counts beside the newest
+    assert plan.planner.table.cloud_ms["mid"] == 9.0 and plan.planner.cloud_ms("mid") == 0.6
+    assert plan.replans[-1][1].startswith("reconnected")
+
+
+def test_request_bytes_are_estimated_not_encoded() -> None:
+    x = load_digits()["test"].x[:1]
+    graph = trace(load_model("digits-cnn"), (x,))
+    for cut in ("input", "pool1", "block.relu"):
+        frontier = graph.split(cut)[0](x)
+        for codec in ("raw", "int8", "zstd:1"):
+            real = sum(encode(t, codec).ByteSize() + 4 for t in frontier)
+            est = frontier_bytes(frontier, codec)
+            assert est == real if codec != "zstd:1" else abs(est - real) <= 0.05 * real
+
+
+WRONG_MS = 30.0  # the start-up profile of cut input: more than 10x what it costs
+
+
+def test_auto_corrects_a_wrong_server_profile_from_responses(digits_weights: Path) -> None:
+    """The server's start-up profile says the whole model (cut ``input``) takes 30 ms;
+    its responses report what it really takes (well under 3 ms on any machine this
+    runs on). The device's figures are stated (``learn_edge`` False: head at pool1
+    10 ms, whole model 100 ms), so only the learned cloud compute decides. The planner
+    starts at pool1 (10 ms beats 30), probes input at request 8 (the schedule),
+    learns its compute from that one response, and moves: within 8 requests.
+    """
+    x = load_digits()["test"].x[:1]
+    model = load_model("digits-cnn", digits_weights)
+    with torch.no_grad():
+        want = model(x)
+    graph = trace(model, (x,))
+    pairs = {}
+    for cut in ("input", "pool1"):
+        frontier = graph.split(cut)[0](x)
+        pairs[(cut, "raw")] = PairCost(
+            cut=cut, codec="raw", bytes_up=frontier_bytes(frontier, "raw"), encode_ms=0.01,
+            decode_ms=0.01,
+        )  # fmt: skip
+    table = CostTable(
+        edge_ms={"input": 0.0, "pool1": 10.0, "output": 100.0},
+        cloud_ms={},  # from the server's GetModelInfo
+        pairs=pairs,
+        result_bytes=96,
+        learn_edge=False,
+    )
+    profile = {c.name: 0.1 for c in graph.cuts} | {"input": WRONG_MS}
+    runtime = TailRuntime(
+        [ModelEntry(name="digits-cnn", weights=str(digits_weights))],
+        profile={"digits-cnn": profile},
+    )
+    server = ServerThread(ServerConfig(models=(ModelEntry(name="digits-cnn"),), port=0), runtime)
+    link = LinkEstimate(up_mbit=1000.0, down_mbit=1000.0, rtt_ms=1.0)
+    try:
+        with EdgeClient(
+            server.address, "digits-cnn", weights=digits_weights, cut="auto", costs=table,
+            link=link,
+        ) as client:  # fmt: skip
+            auto = client.auto
+            assert auto is not None and auto.planner.cloud_ms("input") == WRONG_MS
+            assert client.cut == "pool1"  # the wrong start: the profile prices input at 30 ms
+            results = [client.infer(x) for _ in range(40)]
+    finally:
+        server.stop()
+    assert all(torch.equal(r.output, want) for r in results)  # probes answer correctly too
+    assert auto.probes[0] == (8, "input", "raw")
+    assert (auto.history[0][1].cut, auto.history[1][0], auto.history[1][1].cut) == (
+        "pool1", 8, "input",
+    )  # fmt: skip
+    # The final choice is the cheapest on the learned components...
+    best = auto.planner.plan(auto.estimator.estimate)
+    assert (client.cut, client.codec) == (best.cut, best.codec) == ("input", "raw")
+    assert [r.cut for r in results[7:15]] == ["input"] * 8  # the probe (8, 9), then the plan
+    # ...and the learned compute is what the responses at input reported.
+    reported = [r.timing.cloud_ms for r in results if r.cut == "input"]
+    assert min(reported) <= auto.planner.cloud_ms("input") <= max(reported) < WRONG_MS

@@ -28,8 +28,17 @@ class Server:
 
     LOG_LINES = 1000
 
-    def __init__(self, weights: Path, *extra: str, port: int = 0, metrics: bool = True) -> None:
+    def __init__(
+        self,
+        weights: Path,
+        *extra: str,
+        port: int = 0,
+        metrics: bool = True,
+        profile: bool = False,
+    ) -> None:
+        """``profile``: profile the cuts at start-up as a user's server does (slower)."""
         self.weights = weights
+        self.profile = profile
         self.extra = extra
         self.metrics_on = metrics
         self.proc = subprocess.Popen(
@@ -41,8 +50,7 @@ class Server:
                 f"{MODEL}={weights}",
                 "--port",
                 str(port),
-                "--profile-runs",
-                "0",
+                *(() if profile else ("--profile-runs", "0")),
                 *(("--metrics-port", "0") if metrics else ()),
                 *extra,
             ],
@@ -121,4 +129,6 @@ class Server:
 
     def restart(self) -> Server:
         """A new process on the same port with the same flags (the old one must be dead)."""
-        return Server(self.weights, *self.extra, port=self.port, metrics=self.metrics_on)
+        return Server(
+            self.weights, *self.extra, port=self.port, metrics=self.metrics_on, profile=self.profile
+        )

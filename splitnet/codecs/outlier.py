@@ -3,8 +3,9 @@
 Language-model hidden states ``[batch, seq, hidden]`` carry a few channels about 10^4x
 the median (SmolLM2-135M: one near 22,000 against a median near 2). One int8 scale
 per tensor, or even per token, is then set by those channels and every other value
-collapses to a few codes. This step picks, per tensor, the K channels (indices along
-the last axis) with the largest magnitude anywhere in the tensor, sends their values
+collapses to a few codes. This step picks, per tensor, K channels (indices along the last
+axis: for one token its K largest; for several, those that stick out of the most rows,
+see ``choose_channels``), sends their values
 exactly as float16 (float32 where float16 cannot carry them), and quantizes every row
 (token) of the remaining channels to symmetric int8 with a scale of its own.
 
@@ -31,7 +32,7 @@ from splitnet.codecs.quantize import not_finite, too_wide
 from splitnet.errors import CodecError
 from splitnet.v1 import tensor_pb2 as pb
 
-__all__ = ["MAX_OUTLIERS", "OutlierInt8"]
+__all__ = ["MAX_OUTLIERS", "OutlierInt8", "choose_channels"]
 
 MAX_OUTLIERS = 256  # most channels one tensor may keep (OutlierInt8.channels)
 DEFAULT_OUTLIERS = 4
@@ -39,6 +40,37 @@ _OUTLIER_NUMPY: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
 }
+
+
+def choose_channels(rows: np.ndarray, col: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` channels to keep in float for ``rows`` ``[R, H]`` (``col``: each channel's
+    largest magnitude), increasing; the same choice on every run for the same values.
+
+    One row (a decode step): its ``k`` largest channels, which minimize its scale. Several
+    rows (a prefill): channels ranked by how far they stick out of each row, summed over
+    the rows: ``sum_r log(max(1, |x[r, c]| / floor_r))``, where ``floor_r`` is row r's
+    (k+1)-th largest magnitude (its scale's floor with its own top k kept). The column
+    maximum alone lets one row decide: in SmolLM2 the first token carries ~24,000 in one
+    channel and ~500-1,900 in a few others that later tokens do not use, so every later
+    token kept token 0's channels and lost its own. On SmolLM2 prompts this lowers the
+    later rows' squared error by 10-40% (``block.15``, ``int8o:4``: 1.65e-4 -> 0.98e-4
+    relative) and raises token 0's, a single row. Ties go to the larger column maximum,
+    then to the lower index.
+    """
+    r, h = rows.shape
+    if k >= h:
+        return np.arange(h)
+    if r == 1:
+        # introselect: deterministic, the same choice on every run for the same values
+        return np.sort(np.argpartition(col, h - k)[h - k :])
+    mag = np.abs(rows)
+    floor = np.partition(mag, h - k - 1, axis=1)[:, h - k - 1 : h - k]
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        ratio = mag / np.maximum(floor, np.float32(F32_TINY))
+    np.maximum(ratio, 1.0, out=ratio)  # NaN cannot occur: the rows are finite
+    score = np.log(ratio).sum(axis=0)
+    order = np.lexsort((np.arange(h), -col, -score))  # last key first
+    return np.sort(order[:k])
 
 
 class OutlierInt8(PrecisionStep):
@@ -73,10 +105,7 @@ class OutlierInt8(PrecisionStep):
         if not (math.isfinite(float(col_hi.max())) and math.isfinite(float(col_lo.min()))):
             raise not_finite(self.name)
         col = np.maximum(col_hi, -col_lo)
-        k = min(self.k, h)
-        # introselect: deterministic, the same choice on every run for the same values
-        top = np.argpartition(col, h - k)[h - k :] if k < h else np.arange(h)
-        channels = np.sort(top)
+        channels = choose_channels(rows, col, min(self.k, h))
         outliers = rows[:, channels]
         big = float(col[channels].max())
         if big > F32_MAX:
