@@ -52,7 +52,7 @@ from splitnet.examples import example_input
 from splitnet.llm.models import is_llm_name
 from splitnet.models import resolve
 from splitnet.partition import INPUT, OUTPUT
-from splitnet.planning import CostTable, Prediction, measure_costs
+from splitnet.planning import CostTable, LinkEstimate, Prediction, measure_costs
 from splitnet.report import codec_accuracy
 
 
@@ -195,11 +195,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 relay.set_links(up=link.up, down=link.down)
                 client.refresh_info()
                 rtt = statistics.median(client.probe_rtt() for _ in range(5))
-                # The planner as a user runs it: a fresh cut="auto" client on this link
-                # (the device profile measured above is its prior; the link, the cloud
-                # compute and the edge timings it learns from its own requests). What
-                # the rows call "predicted" is what it believes after those requests.
-                auto = run_auto(relay.address, args, table, xs)
+                # The planner as a user runs it: a fresh cut="auto" client on this link.
+                # Its priors: the device profile measured above, the server's table, and
+                # the link's nominal figures with the probed RTT (a device knows roughly
+                # what network it is on); it learns all of them from its own requests.
+                # What the rows call "predicted" is what it believes after those requests.
+                prior = LinkEstimate(up_mbit=link.up.mbit, down_mbit=link.down.mbit, rtt_ms=rtt)
+                auto = run_auto(relay.address, args, table, prior, xs)
                 plan = auto.plan
                 est = plan.estimator.estimate
                 preds = plan.planner.candidates(est)
@@ -282,7 +284,11 @@ class AutoRun:
 
 
 def run_auto(
-    address: str, args: argparse.Namespace, table: CostTable, xs: list[torch.Tensor]
+    address: str,
+    args: argparse.Namespace,
+    table: CostTable,
+    prior: LinkEstimate,
+    xs: list[torch.Tensor],
 ) -> AutoRun:
     """``--auto-requests`` requests through a fresh cut="auto" client on ``address``."""
     with EdgeClient(
@@ -291,6 +297,7 @@ def run_auto(
         weights=args.weights,
         cut="auto",
         costs=table,
+        link=prior,
         accuracy_budget=args.accuracy_budget,
         edge_slowdown=args.edge_slowdown,
         deadline_s=args.max_request_s * 4,

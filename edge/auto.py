@@ -9,9 +9,10 @@ every response then teaches the planner each component it measured (the head and
 encoding timed here; the server's decode and compute, per batch size) and feeds
 ``LinkEstimator``. When the link or a learned component moves by 25% (and 0.5 ms) the
 planner chooses again; after a reconnect the server's table is read again. Requests
-8, 16, 32, ... explore (``AutoPlan`` says what and what it costs), so a cut never tried
-is not wrongly priced forever. The choice and its predicted breakdown are reported
-(``AutoPlan.prediction``, ``history``, ``probes``, ``replans``).
+8, 16, 32, ... (and the one after each) explore (``AutoPlan`` says what, and what it
+costs), so a cut never tried is not wrongly priced forever. The choice and its
+predicted breakdown are reported (``AutoPlan.prediction``, ``history``, ``probes``,
+``replans``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 RTT_PROBE_EVERY = 20  # requests between round-trip probes
 PRIOR_MBIT = 100.0  # bandwidth assumed until requests measure it
 PROBE_FIRST = 8  # the first exploring request; then every power of two after it
+PROBE_REQUESTS = 2  # requests per probe: the first at a new cut pays one-time costs
+PROBE_LINK_FACTOR = 4.0  # no probe whose transfer alone takes this many times the plan
 
 
 @torch.no_grad()
@@ -131,12 +134,15 @@ class AutoPlan:
     """The planner state of one client.
 
     Exploration: request number ``n`` (8, 16, 32, ... counted in answered requests, so
-    the schedule is deterministic) goes to one probe target instead of the plan, in
-    turn: the best all-cloud choice (cut ``input``), all on the device (where the
-    model is here), and the runner-up (the best split at a cut other than the plan's,
-    which also calibrates the heads not yet run). Probes are
-    ``floor(log2(n / 4))`` of the first ``n`` requests (4 of 100, 7 of 1000), each
-    costing at most the difference between the probe's and the plan's latency.
+    the schedule is deterministic) and the one after it (the first request at a cut
+    pays one-time costs; the second shows its steady cost) go to one probe target
+    instead of the plan, in turn: the best all-cloud choice (cut ``input``), all on
+    the device (where the model is here), and the runner-up (the best split at a cut
+    other than the plan's, which also calibrates the heads not yet run). Probes take
+    ``2 * floor(log2(n / 4))`` of the first ``n`` requests (8 of 100, 14 of 1000),
+    each costing the difference between the probe's and the plan's latency. A target
+    whose transfer alone (bytes over the learned bandwidth) would take more than
+    ``PROBE_LINK_FACTOR`` times the plan's latency is not probed.
     """
 
     planner: Planner
@@ -263,7 +269,16 @@ class AutoPlan:
         """
         assert self.prediction is not None
         chosen = (self.prediction.cut, self.prediction.codec)
-        preds = self.planner.candidates(self.estimator.estimate)
+        link = self.estimator.estimate
+        plan_ms = self.planner.predict(*chosen, link).total_ms
+        # The transfer is what probing cannot correct (bytes are known, the bandwidth is
+        # learned from every request): a target whose transfer alone dwarfs the plan is
+        # not worth a request (ResNet-18's input over 0.13 Mbit/s takes 37 s).
+        preds = [
+            p
+            for p in self.planner.candidates(link)
+            if p.up_ms + p.down_ms <= PROBE_LINK_FACTOR * plan_ms
+        ]
         targets: list[tuple[str, str]] = []
         for p in preds:  # fastest first: the first at input is the best all-cloud choice
             if p.cut == INPUT:
@@ -281,14 +296,15 @@ class AutoPlan:
         """(cut, codec) for the next request: the plan, or a probe on the schedule."""
         assert self.prediction is not None
         n = self.requests + 1
-        if is_probe_point(n) and not (self.probes and self.probes[-1][0] == n):
-            targets = self.probe_targets()
-            if targets:
-                cut, codec = targets[(n.bit_length() - PROBE_FIRST.bit_length()) % len(targets)]
-                self.probes.append((n, cut, codec))
-                return cut, codec
-        if self.probes and self.probes[-1][0] == n:
-            return self.probes[-1][1], self.probes[-1][2]
+        start = next((m for m in range(n, n - PROBE_REQUESTS, -1) if is_probe_point(m)), None)
+        if start is not None:
+            if not (self.probes and self.probes[-1][0] == start) and n == start:
+                targets = self.probe_targets()
+                if targets:
+                    k = start.bit_length() - PROBE_FIRST.bit_length()
+                    self.probes.append((start, *targets[k % len(targets)]))
+            if self.probes and self.probes[-1][0] == start:
+                return self.probes[-1][1], self.probes[-1][2]
         return self.prediction.cut, self.prediction.codec
 
     # ------------------------------------------------------------ learning

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from edge.client import EdgeClient, InferResult  # noqa: E402
 from edge.config import EdgeConfig  # noqa: E402
+from edge.generate_cli import add_generate_arguments, cmd_generate  # noqa: E402
 from edge.inputs import load_input  # noqa: E402
 from splitnet import __version__  # noqa: E402
 from splitnet.cli import parse_shape  # noqa: E402
@@ -42,6 +43,8 @@ examples:
   splitnet-edge run --server HOST:PORT --model digits-cnn --weights w.safetensors digit.png x.npy
   splitnet-edge run --server HOST:443 --tls-ca ca.pem --token-file token ...
   splitnet-edge run --server HOST:PORT --bundle bundle/ --bundle-key key --cut pool1
+  splitnet-edge generate --server HOST:PORT --model smollm2 --cut block.15 \\
+      --prompt "What is the capital of France?" --max-new-tokens 32
 
 Exit status: 0 done; 2 with one line saying what went wrong (the command, a file, the
 server's answer, or a server that stayed unreachable); 130 interrupted.
@@ -381,6 +384,15 @@ COMMANDS: dict[str, Command] = {
         description="Run inputs through the head here and the tail on the server; print "
         "accuracy (digits test set) or predictions (files), agreement with the whole model "
         "run here, throughput, and the latency breakdown (p50, p90).",
+    ),
+    "generate": Command(
+        help="generate text with a language model split between here and the server",
+        add_arguments=add_generate_arguments,
+        run=cmd_generate,
+        description="Split text generation: the edge runs the embeddings and the first "
+        "blocks (and, U-shaped, the last blocks and the LM head), the server the rest; one "
+        "session with a KV cache on each side. Streams the text, then prints time to first "
+        "token, tokens/s, bytes per token and the per-token breakdown.",
     ),
 }
 

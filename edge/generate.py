@@ -205,6 +205,7 @@ class Generator:
         self.cut = parse_block_cut(config.cut, lm.num_layers)
         self.edge = EdgeHalf(lm, self.cut)  # only the edge's modules are kept
         self.tokenizer = lm.tokenizer
+        self.vocab_size = int(lm.model.config.vocab_size)
         self.eos = frozenset(lm.eos_token_ids) if config.stop_at_eos else frozenset()
         self.codec = parse_codec(config.codec)
         self._decode_text = lm.decode_ids

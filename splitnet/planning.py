@@ -236,11 +236,12 @@ class Planner:
             self.local_scale = (1 - alpha) * self.local_scale + alpha * ratio
         self._add("edge", self.edge_seen, cut, measured_ms, lambda: self.edge_ms(cut))
         if cut not in (INPUT, OUTPUT):  # input's head is nothing: no ratio to learn
-            # The median over the heads run so far of (their median here / profiled).
+            # The median over the heads run twice or more of (their median here, the
+            # first run left out: it pays one-time costs) / profiled.
             ratios = [
-                statistics.median(seen) / self.table.edge_ms[c]
+                statistics.median(list(seen)[1:]) / self.table.edge_ms[c]
                 for c, seen in self.edge_seen.items()
-                if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05
+                if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05 and len(seen) > 1
             ]
             if ratios:
                 self.edge_scale = min(max(statistics.median(ratios), 0.2), 20.0)

@@ -120,8 +120,7 @@ def test_the_pending_budget_holds_across_streams_and_comes_back(
     release = threading.Event()
     try:
         calls = [
-            _stream(server.address, _held_open(_chunked(i + 1, fp, 256), release))
-            for i in range(3)
+            _stream(server.address, _held_open(_chunked(i + 1, fp, 256), release)) for i in range(3)
         ]
         assert server.server is not None
         admission = server.server.service.admission
@@ -340,7 +339,9 @@ def test_unauthenticated_calls_are_refused_before_their_body_is_read(
         request = pb.InferRequest(model="digits-cnn", cut="input")
         request.frontier.add().payload = b"\0" * (50 << 20)
         data = request.SerializeToString()
-        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+        channel = grpc.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
         infer = channel.unary_unary("/splitnet.v1.SplitInference/Infer")
         codes: list[grpc.StatusCode] = []
 
@@ -369,3 +370,82 @@ def test_unauthenticated_calls_are_refused_before_their_body_is_read(
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ------------------------------------------------------- bounds before parsing
+def test_repeated_fields_over_their_bound_are_refused_before_parsing(
+    digits_runtime: TailRuntime,
+) -> None:
+    from splitnet.wire import BOUNDS, OutOfBounds, safe_parser, scan_bounds, stream_parser
+
+    fp = digits_runtime.models["digits-cnn"].fingerprint
+    good = _chunked(7, fp, 256).request
+    assert scan_bounds(good.SerializeToString(), BOUNDS["splitnet.v1.InferRequest"]) is None
+    big = pb.InferRequest()
+    big.CopyFrom(good)
+    big.frontier[0].payload = bytes(1 << 20)  # large payloads are skipped, not refused
+    big.frontier[0].shape[:] = [2**40] * 8  # 8 dimensions of 6 bytes each: fine
+    assert scan_bounds(big.SerializeToString(), BOUNDS["splitnet.v1.InferRequest"]) is None
+    wide = pb.InferRequest()
+    wide.CopyFrom(good)
+    wide.chunked_payload_bytes[:] = [1] * 100_000
+    parsed = safe_parser(pb.InferRequest)(wide.SerializeToString())
+    assert isinstance(parsed, OutOfBounds)
+    assert "'chunked_payload_bytes' has 10000 entries or more" in parsed.message
+    streamed = stream_parser(pb.StreamRequest)(pb.StreamRequest(request=wide).SerializeToString())
+    assert isinstance(streamed, OutOfBounds) and streamed.request_id == 7  # answerable in-band
+    named = pb.InferRequest(id=3, model="m" * 100_000)
+    parsed = safe_parser(pb.InferRequest)(named.SerializeToString())
+    assert isinstance(parsed, OutOfBounds) and "'model' of 100000 bytes" in parsed.message
+
+
+def test_metrics_over_https_an_idle_connection_blocks_no_scrape(
+    digits_runtime: TailRuntime, tmp_path: Path
+) -> None:
+    """The TLS handshake runs with a timeout on the event loop, never in accept()."""
+    pytest.importorskip("cryptography")
+    from splitnet.certs import make_certs
+
+    certs = make_certs(tmp_path)
+    config = ServerConfig(
+        models=(ModelEntry(name="digits-cnn"),),
+        port=0,
+        metrics_port=0,
+        tls_cert=str(certs.server_cert),
+        tls_key=str(certs.server_key),
+    )
+    server = BackgroundServer(config, digits_runtime)
+    assert server.server is not None and server.server.scrape is not None
+    port = server.server.scrape.port
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]  # no handshake
+    try:
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        for _ in range(3):
+            body = urllib.request.urlopen(
+                f"https://localhost:{port}/metrics", timeout=10, context=ctx
+            ).read()
+            assert b"splitnet_inference" in body
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+
+
+def test_the_allocator_gives_freed_memory_back() -> None:
+    """glibc: a fixed mmap threshold, and malloc_trim once RSS grew (cloud/memory.py)."""
+    import ctypes.util
+
+    from cloud.memory import Trimmer, rss_bytes, tune_allocator
+
+    if not ctypes.util.find_library("c") or not rss_bytes():
+        pytest.skip("not glibc on Linux")
+    assert tune_allocator()
+    trimmer = Trimmer(interval_s=0.05, grow_bytes=8 << 20).start()
+    try:
+        blocks = [bytearray(64 << 10) for _ in range(1024)]  # 64 MiB in heap-sized blocks
+        held = rss_bytes()
+        _until(lambda: trimmer.trims >= 1)  # it saw the growth (and trimmed nothing in use)
+        del blocks
+        _until(lambda: rss_bytes() < held - (32 << 20))  # given back, not kept
+    finally:
+        trimmer.stop()

@@ -19,6 +19,11 @@ with real gRPC clients:
 - **stall**: many unauthenticated streams announce a large chunked frontier, send part
   of it and stall; resident memory (before, peak, after) against the server's budget,
   and a legitimate client's answers meanwhile.
+- **attacks**: issue 13's attacks (health Watch names, huge repeated fields, codec
+  specs, a long zstd level, long strings, unauthenticated bodies, tiny chunks, idle
+  metrics connections, a token-file comment) and issue 11's stalled chunks, each with
+  its figure: memory before, peak and after, the slowest legitimate answer, the codes
+  (``attacks``; ``tests/test_attacks.py`` runs them at test size).
 - **auth**: no token, a wrong token, a client certificate from another CA and an
   expired one are each refused by a token + mTLS server; the right ones pass.
 
@@ -27,7 +32,7 @@ with real gRPC clients:
 
 Modules, one part each: ``server`` (the subprocess), ``reference`` (the local model and
 valid requests), ``cases`` (hostile messages), ``fuzz``, ``load``, ``faults``, ``stall``,
-``auth``,
+``attacks``, ``auth``,
 and ``report`` (the command: runs them long, prints the table, writes JSON).
 """
 

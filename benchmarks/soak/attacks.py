@@ -714,6 +714,49 @@ def stalled_chunks(
     return run_attack(server, ref, "11 stalled chunks", body)
 
 
+def refused_then_stalled(
+    server: Server, ref: Reference, *, streams: int, payload_bytes: int, stall_s: float
+) -> AttackFigure:
+    """Issue 11, the other way to pin: ``streams`` streams each send one request the
+    server refuses (a ``payload_bytes`` payload for a 256-byte tensor, within the message
+    limit) and then stall, holding the stream open. Nothing of the refused message may
+    stay alive while the stream waits (``stalled_mib`` in ``notes``).
+    """
+
+    def body(fig: AttackFigure) -> None:
+        fig.what = (
+            f"{streams} streams send one refused {payload_bytes / MiB:g} MiB request each, "
+            f"then stall {stall_s:g} s"
+        )
+        bad = pb.InferRequest()
+        bad.CopyFrom(ref.requests["input"])
+        bad.frontier[0].payload = bytes(payload_bytes)
+        data = pb.StreamRequest(request=bad).SerializeToString()
+        fig.sent_bytes = streams * len(data)
+        release = threading.Event()
+
+        def attacker(_: int) -> None:
+            def messages() -> Iterator[bytes]:
+                yield data
+                release.wait(stall_s + 60)
+
+            with grpc.insecure_channel(server.address, options=BIG) as ch:
+                _stream_answers(ch, messages(), fig)
+
+        threads = [
+            threading.Thread(target=attacker, args=(k,), daemon=True) for k in range(streams)
+        ]
+        for th in threads:
+            th.start()
+        time.sleep(stall_s)  # the stall: a duration, not an ordering
+        fig.notes["stalled_mib"] = _settled(server, 5.0)
+        release.set()
+        for th in threads:
+            th.join(120)
+
+    return run_attack(server, ref, "11b refused, then stalled", body)
+
+
 TEST_SIZES: dict[str, dict[str, Any]] = {
     "health_watch": dict(streams=8, name_bytes=8 * MiB, watches=40),
     "repeated_fields": dict(entries=4_000_000, dims=2_000_000),
@@ -724,6 +767,7 @@ TEST_SIZES: dict[str, dict[str, Any]] = {
     "tiny_chunks": dict(payload_bytes=16_000),
     "metrics_endpoint": dict(idle=64),
     "stalled_chunks": dict(streams=24, announce_bytes=255 * MiB, send_bytes=150 * MiB, stall_s=2.0),
+    "refused_then_stalled": dict(streams=8, payload_bytes=32 * MiB, stall_s=2.0),
 }
 SOAK_SIZES: dict[str, dict[str, Any]] = {
     "health_watch": dict(streams=40, name_bytes=32 * MiB, watches=64),
@@ -737,6 +781,7 @@ SOAK_SIZES: dict[str, dict[str, Any]] = {
     "stalled_chunks": dict(
         streams=24, announce_bytes=255 * MiB, send_bytes=150 * MiB, stall_s=15.0
     ),
+    "refused_then_stalled": dict(streams=24, payload_bytes=60 * MiB, stall_s=10.0),
 }
 ATTACKS: dict[str, Callable[..., AttackFigure]] = {
     "health_watch": health_watch,
@@ -749,4 +794,5 @@ ATTACKS: dict[str, Callable[..., AttackFigure]] = {
     "metrics_endpoint": metrics_endpoint,
     "token_comment": token_comment,
     "stalled_chunks": stalled_chunks,
+    "refused_then_stalled": refused_then_stalled,
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -155,12 +156,46 @@ def part_auth(args: argparse.Namespace, ref: Reference) -> Outcome:
     return asdict(au), rows, [] if ok else ["auth: a wrong credential passed or a right one failed"]
 
 
+def part_attacks(args: argparse.Namespace, ref: Reference) -> Outcome:
+    """Issue 13's attacks and issue 11's stall at full size, each on a fresh server."""
+    from benchmarks.soak.attacks import ATTACKS, SOAK_SIZES
+
+    token = "soak-" + os.urandom(16).hex()
+    comment = "    # retired 2024-05, do not use: device-17-0123456789"
+    results: dict[str, Any] = {}
+    rows: Rows = []
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = Path(tmp) / "tokens"
+        tokens.write_text(f"{comment}\n{token}\n")
+        for name, attack in ATTACKS.items():
+            guarded = name in ("health_watch", "unauthenticated", "metrics_endpoint",
+                               "token_comment")  # fmt: skip
+            extra = ("--token-file", str(tokens)) if guarded else ()
+            server = Server(args.weights, *extra, metrics=guarded, profile=True)
+            kw: dict[str, Any] = dict(SOAK_SIZES.get(name, {}))
+            if guarded:
+                kw["token"] = token
+            if name == "token_comment":
+                kw["comment"] = comment
+            try:
+                fig = attack(server, ref, **kw)
+            finally:
+                server.kill()
+            results[name] = fig.as_dict()
+            rows.append((f"attack {fig.attack}", fig.line().split(": ", 1)[1]))
+            if not fig.alive or fig.legit_wrong or not fig.legit_after_ok:
+                failures.append(f"attack {fig.attack}: {fig.line()}")
+    return results, rows, failures
+
+
 PARTS: dict[str, Callable[[argparse.Namespace, Reference], Outcome]] = {
     "fuzz": part_fuzz,
     "load": part_load,
     "faults": part_faults,
     "stall": part_stall,
     "auth": part_auth,
+    "attacks": part_attacks,
 }
 
 
