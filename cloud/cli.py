@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``splitnet-cloud``."""
     p = argparse.ArgumentParser(
         prog="splitnet-cloud",
-        description=__doc__.split("\n")[0]
-        + " Run `splitnet-cloud ray --help` for the same on Ray Serve.",
+        description=__doc__.split("\n")[0].replace("``", "")
+        + " Run 'splitnet-cloud ray --help' for the same on Ray Serve.",
     )
     add_model_arguments(p)
     add_config_arguments(p, ServerConfig, skip=_SERVER_SKIP)
