@@ -244,7 +244,8 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
                 if session is not None:
                     wait = max(self.table.idle_left_s(session), 0.0)
                 try:
-                    request = await asyncio.wait_for(requests.__anext__(), wait)
+                    async with asyncio.timeout(wait):  # a timer, not a task per message
+                        request = await requests.__anext__()
                 except StopAsyncIteration:
                     reason = "half-closed"
                     return
