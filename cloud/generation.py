@@ -180,6 +180,7 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
         self.batcher = StepBatcher(table.limits.max_batch_size, device)
         self.codecs = accepted_codecs(llm_safe_only=True)
         self._reaper: asyncio.Task[None] | None = None
+        self.sessions_opened = 0  # sessions admitted since start
 
     async def close(self) -> None:
         """Stop the worker and the idle reaper; end every session."""
@@ -272,6 +273,7 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
                         raise RequestError(INVALID, "a second open on one stream: one session "
                                            "per Generate stream")  # fmt: skip
                     session = self._open(request.open)
+                    self.sessions_opened += 1
                     yield gpb.GenerateResponse(opened=self._opened(session))
                     continue
                 if session is None:
