@@ -149,7 +149,12 @@ async def _serve(config: ServerConfig) -> int:
     server.handle_signals()  # before the banner: whoever reads it may signal at once
     print(server.banner(), flush=True)
     await server.wait()
-    print(f"splitnet-cloud stopped after {server.service.served} requests", flush=True)
+    sessions = (
+        f" and {server.generation.sessions_opened} generation sessions"
+        if server.generation is not None
+        else ""
+    )
+    print(f"splitnet-cloud stopped after {server.service.served} requests{sessions}", flush=True)
     return 0
 
 

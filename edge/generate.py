@@ -99,6 +99,8 @@ class TokenTiming:
     bytes_up: int  # request message size
     bytes_down: int  # response message size
     batch_size: int  # sessions the server ran this step with
+    round_trip_ms: float = 0.0  # message sent -> answer received
+    server_blocks_ms: float = 0.0  # the server's blocks (and head) alone, for its batch
 
 
 @dataclass
@@ -477,6 +479,8 @@ class _Run:
             "bytes_up": req.ByteSize(),
             "bytes_down": reply.ByteSize(),
             "batch_size": st.batch_size,
+            "round_trip_ms": round_ms,
+            "server_blocks_ms": st.compute_ms,
         }
         return answer, timing
 
