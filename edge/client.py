@@ -371,7 +371,9 @@ class EdgeClient:
             (result,) = self.infer_many([x])
             return result
         sent = time.perf_counter()
-        if transport.connected_once:  # on the open stream: no per-call cost
+        # On the open stream: no per-call cost. Round-robin spreads calls over servers,
+        # and a stream stays on one, so there each request is its own call.
+        if transport.connected_once and transport.lb_policy == "pick_first":
             answer = self._on_lane(rid, data, int(x.shape[0]))
             if answer is not None:
                 if isinstance(answer, RemoteError):

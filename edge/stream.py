@@ -303,7 +303,9 @@ class Lane:
     metadata, a status. A message on a stream that is already open pays for none of
     that, so ``infer`` sends each request on this lane once the channel has connected,
     and a broken lane sends the request the unary way (with its retries) and is
-    opened again on the next request. One request is on the lane at a time (a client
+    opened again on the next request. With ``round_robin`` (several servers) there is no
+    lane: a stream stays on one server, unary calls spread. One request is on the lane at
+    a time (a client
     used from several threads sends the others unary); its deadline is watched by
     one thread per lane, which wakes only once per deadline while the lane is idle.
     """
