@@ -246,9 +246,9 @@ class PlanResult:
         for cut in (ALL_EDGE, ALL_CLOUD):
             lines.append("baseline " + self.baseline(cut).describe())
         faster = [c for c in self.candidates if c.rejected and c.cut not in (ALL_EDGE, ALL_CLOUD)
-                  and (self.choice is None or c.total_ms < self.choice.total_ms)]
+                  and (self.choice is None or c.total_ms <= self.choice.total_ms)]
         for c in faster[:alternatives]:
-            lines.append("faster but " + c.describe())
+            lines.append("ranked above, but " + c.describe())
         counts = ", ".join(f"{n} by {k}" for k, n in sorted(self.rejections().items()))
         if counts:
             lines.append(f"rejected: {counts}")
