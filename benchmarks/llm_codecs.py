@@ -337,7 +337,7 @@ def write_outputs(rows: Sequence[Row], out: Path, meta: dict[str, Any]) -> list[
     ax.axhline(100 * TARGET_TOP1, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("bytes per token (one decode step's wire message)")
     ax.set_ylabel("teacher-forced top-1 agreement (%)")
-    ax.set_title(f"{meta['model']}: hidden-state codecs at block cuts")
+    ax.set_title("SmolLM2-135M: hidden-state codecs at block cuts", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "llm-codecs.png")
