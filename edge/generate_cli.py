@@ -15,6 +15,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from edge.generate_plan import add_plan_arguments
 from splitnet.errors import SplitNetError
 
 if TYPE_CHECKING:
@@ -41,9 +42,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--cut", default="block.1", help="block.K (the server samples) or U-shaped "
-        "block.K:block.M (default block.1)",
+        "block.K:block.M (default block.1); auto: planned, see the planning flags",
     )  # fmt: skip
-    g.add_argument("--codec", default="raw", help="hidden-state codec: raw, fp16, bf16, int8o[:K]")
+    g.add_argument("--codec", default=None,
+                   help="hidden-state codec: raw (default), fp16, bf16, int8o[:K]; with "
+                   "--cut auto, the planner chooses among raw, fp16, int8o:8 unless given")
     q = p.add_argument_group("prompt and sampling")
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", default=None, help="prompt text (a chat turn when the model "
@@ -67,6 +70,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--tls-key", default=None, help="client private key, for mutual TLS")
     r.add_argument("--token-file", default=None, help="bearer token for the server (first line "
                    "of the file); $SPLITNET_TOKEN is used when this is not given")  # fmt: skip
+    add_plan_arguments(p)
     p.add_argument("--json", action="store_true", help="end with one JSON line: tokens, timings")
 
 
@@ -86,14 +90,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from edge.generate import GenerateConfig, Generator
 
     prompt_ids = _prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    cut, codec, lm = args.cut, args.codec or "raw", None
+    if cut == "auto":  # edge/generate_plan.py: time the model here, plan, print the plan
+        from edge.generate_plan import choose_cut, measure_rtt_ms
+        from splitnet.llm import load_lm
+
+        lm = load_lm(args.model)
+        if prompt_ids is None:
+            prompt_ids = lm.encode_text(args.prompt, chat=not args.no_chat)
+        rtt = args.rtt_ms
+        if rtt is None:
+            probe = GenerateConfig(model=args.model, cut="block.1", token=read_token(
+                args.token_file), tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+            with Generator(args.server, probe, lm=lm) as gen:
+                rtt = measure_rtt_ms(gen.info)
+        cut, codec, plan = choose_cut(args, lm, len(prompt_ids), rtt)
+        print(plan, flush=True)
     config = GenerateConfig(
-        model=args.model, cut=args.cut, codec=args.codec, temperature=args.temperature,
+        model=args.model, cut=cut, codec=codec, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, chunk_tokens=args.chunk_tokens,
         stop_at_eos=not args.ignore_eos, reconnects=args.reconnects,
         token=read_token(args.token_file), tls_ca=args.tls_ca, tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )  # fmt: skip
-    with Generator(args.server, config) as gen:
+    with Generator(args.server, config, lm=lm) as gen:
         if prompt_ids is None:
             prompt_ids = gen.encode(args.prompt, chat=not args.no_chat)
         vocab = gen.vocab_size

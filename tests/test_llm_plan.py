@@ -214,3 +214,28 @@ def test_measured_costs_come_from_an_injected_clock() -> None:
     assert side.lm_head_ms == pytest.approx(1.0)
     assert side.decode_ms == (0.0, 0.0) and side.prefill_ms == (0.0, 0.0)
     assert len(side.decode_ms) == 2
+
+
+def test_cut_auto_respects_the_constraints_on_a_real_model() -> None:
+    """edge.generate_plan with a real tiny model: whatever the timings, the layout run
+    meets the constraints, and nothing fitting is one ConfigError that says why."""
+    import argparse
+
+    from edge.generate_plan import choose_cut
+    from splitnet.llm import load_lm
+
+    lm = load_lm("tiny:llama")
+    base = dict(codec=None, edge_memory_mb=None, min_edge_blocks=0, u_shaped=False,
+                link_mbit="5:20", cloud_speedup=4.0, max_new_tokens=16)
+    cut, codec, text = choose_cut(argparse.Namespace(**{**base, "min_edge_blocks": 2}), lm, 8,
+                                  20.0)
+    assert cut.startswith("block.") and int(cut.split(":")[0].removeprefix("block.")) >= 2
+    assert codec in ("raw", "fp16", "int8o:8") and "choice: " in text and "running" in text
+    cut, codec, _ = choose_cut(argparse.Namespace(**{**base, "u_shaped": True,
+                                                     "codec": "fp16"}), lm, 8, 20.0)
+    assert ":" in cut and codec == "fp16"
+    with pytest.raises(ConfigError, match="no split layout meets the constraints"):
+        choose_cut(argparse.Namespace(**{**base, "edge_memory_mb": 0.01,
+                                         "min_edge_blocks": 1}), lm, 8, 20.0)
+    with pytest.raises(ConfigError, match="--link-mbit"):
+        choose_cut(argparse.Namespace(**{**base, "link_mbit": "fast"}), lm, 8, 20.0)

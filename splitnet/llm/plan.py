@@ -51,6 +51,7 @@ from splitnet.planning import LinkEstimate
 
 __all__ = [
     "ALL_CLOUD",
+    "AUTO_CODECS",
     "ALL_EDGE",
     "Constraints",
     "GenerationJob",
@@ -59,6 +60,7 @@ __all__ = [
     "ModelSizes",
     "PlanResult",
     "SideCost",
+    "auto_costs",
     "measure_side_cost",
     "model_sizes",
     "plan_generation",
@@ -237,16 +239,16 @@ class PlanResult:
         """The choice, the two baselines, and the best rejected alternatives with why."""
         lines = [
             f"prompt {self.job.prompt_tokens} tokens, {self.job.new_tokens} new, link "
-            f"{self.link.up_mbit:g}/{self.link.down_mbit:g} Mbit/s, RTT {self.link.rtt_ms:g} ms",
+            f"{self.link.up_mbit:g}/{self.link.down_mbit:g} Mbit/s, RTT {self.link.rtt_ms:.1f} ms",
             "choice: " + (self.choice.describe() if self.choice else "none: every layout "
                           "was rejected"),
         ]
         for cut in (ALL_EDGE, ALL_CLOUD):
             lines.append("baseline " + self.baseline(cut).describe())
         faster = [c for c in self.candidates if c.rejected and c.cut not in (ALL_EDGE, ALL_CLOUD)
-                  and (self.choice is None or c.total_ms < self.choice.total_ms)]
+                  and (self.choice is None or c.total_ms <= self.choice.total_ms)]
         for c in faster[:alternatives]:
-            lines.append("faster but " + c.describe())
+            lines.append("ranked above, but " + c.describe())
         counts = ", ".join(f"{n} by {k}" for k, n in sorted(self.rejections().items()))
         if counts:
             lines.append(f"rejected: {counts}")
@@ -484,3 +486,38 @@ def measure_side_cost(
         prefill_ms=(per_block_prefill,) * num_layers,
         lm_head_ms=head_ms,
     )
+
+
+AUTO_CODECS = ("raw", "fp16", "int8o:8")  # lossless, half, and the int8 the table backs
+
+
+def auto_costs(
+    model: Any,
+    num_layers: int,
+    hidden_size: int,
+    *,
+    codecs: Sequence[str] = AUTO_CODECS,
+    cloud_speedup: float = 1.0,
+    prompt_tokens: int = 32,
+) -> ModelCosts:
+    """Costs for ``--cut auto``: this machine's timing of ``model`` as the edge, the cloud
+    ``cloud_speedup`` times faster (the server publishes no compute profile), sizes from the
+    model's config and each codec's real message for one hidden vector.
+    """
+    import torch
+
+    from splitnet.codecs import encode
+
+    if not (math.isfinite(cloud_speedup) and cloud_speedup > 0):
+        raise ConfigError("cloud_speedup must be a number > 0")
+    edge = measure_side_cost(model, num_layers, prompt_tokens=prompt_tokens)
+    cloud = SideCost(
+        decode_ms=tuple(t / cloud_speedup for t in edge.decode_ms),
+        prefill_ms=tuple(t / cloud_speedup for t in edge.prefill_ms),
+        lm_head_ms=edge.lm_head_ms / cloud_speedup,
+        embed_ms=edge.embed_ms / cloud_speedup,
+    )
+    vector = torch.randn(1, 1, hidden_size, generator=torch.Generator().manual_seed(0))
+    codec_bytes = {str(parse_codec(c)): encode(vector, c).ByteSize() + 16 for c in codecs}
+    return ModelCosts(sizes=model_sizes(model.config), edge=edge, cloud=cloud,
+                      codec_bytes=codec_bytes)
