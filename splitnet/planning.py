@@ -477,13 +477,15 @@ class LinkEstimator:
     almost nothing). ``observe`` takes each request's *residual*: its end-to-end time
     minus the parts the cost table prices (edge, encode, decode, cloud) and the queue,
     so the model stays calibrated to what requests really cost. Bandwidth samples come
-    only from requests whose transfer is a real share of the residual. Estimates are
+    only from requests of at least ``min_sample_bytes`` whose transfer is a real share
+    of the residual; smaller ones move the RTT. Estimates are
     exponentially weighted (bandwidth in log space).
     """
 
     prior: LinkEstimate
     alpha: float = 0.4  # weight of a new sample
     replan_ratio: float = 1.25  # re-plan when an estimate moves by this factor
+    min_sample_bytes: int = 8192  # smaller requests teach the RTT, not the bandwidth
     up_mbit: float = field(init=False)
     down_mbit: float = field(init=False)
     rtt_ms: float = field(init=False)
@@ -511,6 +513,11 @@ class LinkEstimator:
         down_ms = bytes_down * 8 / (self.down_mbit * 1e3)
         transfer_ms = residual_ms - self.rtt_ms - down_ms
         expected_ms = bytes_up * 8 / (self.up_mbit * 1e3)
+        if bytes_up < self.min_sample_bytes:
+            # Too small to time a bandwidth: a few ms of noise would read as a link of
+            # a few hundred kbit/s. What it took beyond its transfer is fixed cost.
+            self.rtt_ms = self._ewma(self.rtt_ms, max(residual_ms - expected_ms - down_ms, 0.0))
+            return
         if transfer_ms > 0.25 * max(residual_ms, 1e-6) and transfer_ms > 0.5:
             sample = bytes_up * 8 / (transfer_ms * 1e3)  # the upload is measurable
         elif expected_ms > 2 * max(transfer_ms, 0.5):

@@ -362,3 +362,11 @@ def test_auto_corrects_a_wrong_server_profile_from_responses(digits_weights: Pat
     # ...and the learned compute is what the responses at input reported.
     reported = [r.timing.cloud_ms for r in results if r.cut == "input"]
     assert min(reported) <= auto.planner.cloud_ms("input") <= max(reported) < WRONG_MS
+
+
+def test_small_requests_teach_the_rtt_not_the_bandwidth() -> None:
+    """3 ms of noise on a 300-byte request would read as 0.8 Mbit/s: it moves the RTT."""
+    est = LinkEstimator(LinkEstimate(up_mbit=10.0, down_mbit=10.0, rtt_ms=40.0))
+    for _ in range(10):
+        est.observe(residual_ms=43.0, bytes_up=300, bytes_down=0, queue_ms=0)
+    assert est.up_mbit == 10.0 and est.rtt_ms == pytest.approx(43.0 - 0.24, abs=0.1)
