@@ -198,12 +198,23 @@ class Generator:
         *,
         lm: LanguageModel | None = None,
         rng: random.Random | None = None,
+        bundle: str | Path | None = None,
+        bundle_key: bytes | None = None,
     ) -> None:
         self.server = server
         self.config = config
-        lm = lm if lm is not None else load_lm(config.model)
-        self.cut = parse_block_cut(config.cut, lm.num_layers)
-        self.edge = EdgeHalf(lm, self.cut)  # only the edge's modules are kept
+        if bundle is not None:  # only the edge half, from `splitnet export` (no checkpoint)
+            if lm is not None:
+                raise ConfigError("give lm or bundle, not both")
+            from splitnet.llm.bundle import load_edge
+
+            held = load_edge(bundle, bundle_key, model=config.model, cut=config.cut,
+                             codec=config.codec)  # fmt: skip
+            lm, self.edge, self.cut = held.lm, held.edge, held.edge.cut
+        else:
+            lm = lm if lm is not None else load_lm(config.model)
+            self.cut = parse_block_cut(config.cut, lm.num_layers)
+            self.edge = EdgeHalf(lm, self.cut)  # only the edge's modules are kept
         self.tokenizer = lm.tokenizer
         self.vocab_size = int(lm.model.config.vocab_size)
         self.eos = frozenset(lm.eos_token_ids) if config.stop_at_eos else frozenset()

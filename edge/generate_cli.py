@@ -33,12 +33,17 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server, model and cut")
     g.add_argument("--server", required=True, help="HOST:PORT of splitnet-cloud")
     g.add_argument(
-        "--model", required=True, help="language model, as served: smollm2, hf:DIR, tiny:llama"
-    )
-    g.add_argument(
-        "--cut", default="block.1", help="block.K (the server samples) or U-shaped "
-        "block.K:block.M (default block.1)",
+        "--model", default=None, help="language model, as served: smollm2, hf:DIR, tiny:llama "
+        "(or give --bundle)",
     )  # fmt: skip
+    g.add_argument(
+        "--cut", default=None, help="block.K (the server samples) or U-shaped "
+        "block.K:block.M (default block.1, or the bundle's cut)",
+    )  # fmt: skip
+    g.add_argument("--bundle", default=None, help="an edge bundle from `splitnet export`: only "
+                   "the edge half's weights and the tokenizer are here")  # fmt: skip
+    g.add_argument("--bundle-key", default=None, help="key file of an encrypted bundle "
+                   "(64 hex digits); $SPLITNET_BUNDLE_KEY otherwise")  # fmt: skip
     g.add_argument("--codec", default="raw", help="hidden-state codec: raw, fp16, bf16, int8o[:K]")
     q = p.add_argument_group("prompt and sampling")
     src = q.add_mutually_exclusive_group(required=True)
@@ -82,14 +87,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from edge.generate import GenerateConfig, Generator
 
     prompt_ids = _prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    model, cut, key = args.model, args.cut, None
+    if args.bundle is not None:  # the manifest names the model and cut (and checks the key)
+        from splitnet.bundle import Bundle, read_key
+
+        key = read_key(args.bundle_key)
+        bundle = Bundle.open(args.bundle, key)
+        model, cut = model or bundle.model_name, cut or bundle.cut
+    elif model is None:
+        raise SplitNetError("give --model or --bundle")
     config = GenerateConfig(
-        model=args.model, cut=args.cut, codec=args.codec, temperature=args.temperature,
+        model=model, cut=cut or "block.1", codec=args.codec, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, chunk_tokens=args.chunk_tokens,
         stop_at_eos=not args.ignore_eos, reconnects=args.reconnects,
         token=read_token(args.token_file), tls_ca=args.tls_ca, tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )  # fmt: skip
-    with Generator(args.server, config) as gen:
+    with Generator(args.server, config, bundle=args.bundle, bundle_key=key) as gen:
         if prompt_ids is None:
             prompt_ids = gen.encode(args.prompt, chat=not args.no_chat)
         vocab = gen.vocab_size

@@ -20,9 +20,10 @@ The manifest (``format`` ``splitnet-bundle``, ``version`` 1)::
     splitnet_version
 
 ``model.kind`` and ``split.kind`` say how to rebuild the halves: ``graph`` /
-``graph-cut`` is a traced model cut after a node (``splitnet.partition``); other kinds
-(a language model's ``block-cut``) add their own fields and readers. ``fingerprint``
-is the whole model's (what requests carry, so a server with other weights still
+``graph-cut`` is a traced model cut after a node (``splitnet.partition``);
+``language-model`` / ``block-cut`` is a decoder-only model cut between blocks, with one
+part ``edge`` and the model's config instead of an input shape (``splitnet.llm.bundle``).
+``fingerprint`` is the whole model's (what requests carry, so a server with other weights still
 answers FAILED_PRECONDITION); each part has its own, checked when it is loaded.
 
 Encryption: AES-256-GCM (``cryptography``), one random 96-bit nonce per file stored
@@ -73,6 +74,7 @@ _NONCE = 12
 _MAGIC = b"SNB1"  # first bytes of an encrypted part
 _KEY_CHECK = b"splitnet bundle key check"
 PARTS = ("head", "tail", "whole")
+LM_KIND = "language-model"  # model.kind of a language model's bundle (splitnet.llm.bundle)
 
 
 # ------------------------------------------------------------------ keys
@@ -284,9 +286,20 @@ class Bundle:
                 f"version {VERSION} (export it again with this version)"
             )
         model = _need(doc, "model", dict, where)
-        split = _need(doc, "split", dict, where)
+        _need(doc, "split", dict, where)
         _need(model, "name", str, where)
         _need(model, "fingerprint", str, where)
+        if model.get("kind") == LM_KIND:  # a block cut: splitnet.llm.bundle reads it
+            from splitnet.llm.bundle import check_manifest
+
+            check_manifest(doc, where)
+        else:
+            cls._check_graph(doc, where)
+        return cls(path, doc, cls._check_key(doc, key, where))
+
+    @staticmethod
+    def _check_graph(doc: dict[str, Any], where: str) -> None:
+        model, split = doc["model"], doc["split"]
         shape = _need(model, "input_shape", list, where)
         if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
             raise ModelError(f"{where}: manifest input_shape {shape!r} is malformed")
@@ -302,6 +315,9 @@ class Bundle:
         parts = _need(doc, "parts", dict, where)
         if "head" not in parts:
             raise ModelError(f"{where} has no head")
+
+    @staticmethod
+    def _check_key(doc: dict[str, Any], key: bytes | None, where: str) -> bytes | None:
         encryption = doc.get("encryption")
         if encryption is not None:
             if not isinstance(encryption, dict) or encryption.get("cipher") != CIPHER:
@@ -312,7 +328,7 @@ class Bundle:
                 )
             if not hmac.compare_digest(str(encryption.get("key_check")), _key_check(key)):
                 raise ModelError(f"{where}: wrong key (it is not the key the bundle was made with)")
-        return cls(path, doc, key if encryption is not None else None)
+        return key if encryption is not None else None
 
     # ------------------------------------------------------------ fields
     @property
@@ -321,8 +337,21 @@ class Bundle:
         return str(self.manifest["model"]["name"])
 
     @property
+    def kind(self) -> str:
+        """``graph`` (a traced model cut after a node) or ``language-model`` (block cuts)."""
+        return str(self.manifest["model"].get("kind"))
+
+    def _graph_only(self) -> None:
+        if self.kind == LM_KIND:
+            raise ModelError(
+                f"bundle {str(self.path)!r} holds language model {self.model_name} cut at "
+                f"{self.cut}: run it with splitnet-edge generate --bundle"
+            )
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """The example input shape, with batch."""
+        self._graph_only()
         return tuple(self.manifest["model"]["input_shape"])
 
     @property
@@ -337,8 +366,10 @@ class Bundle:
 
     @property
     def cuts(self) -> list[str]:
-        """Every cut the bundle serves, in execution order."""
-        return [str(c) for c in self.manifest["split"]["cuts"]]
+        """Every cut the bundle serves, in execution order (a language model's: its cut;
+        ``splitnet.llm.bundle.serves`` says which others it serves).
+        """
+        return [str(c) for c in self.manifest["split"].get("cuts") or [self.cut]]
 
     @property
     def codecs(self) -> list[str]:
@@ -404,6 +435,7 @@ class Bundle:
         """The model built on the meta device (no weight memory) and traced with a meta
         input: its cuts, frontiers and halves, with nothing computed or allocated.
         """
+        self._graph_only()
         spec = resolve(self.model_name, self.input_shape)
         with torch.device("meta"):
             module = build(spec)
