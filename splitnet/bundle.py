@@ -42,6 +42,7 @@ import json
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,8 +384,6 @@ class Bundle:
     # ------------------------------------------------------------- parts
     def state(self, part: str) -> dict[str, torch.Tensor]:
         """The weights of ``part``, verified against the manifest (decrypted in memory)."""
-        from safetensors.torch import load
-
         where = f"bundle {str(self.path)!r}"
         entry = self.manifest["parts"].get(part)
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
@@ -401,10 +400,8 @@ class Bundle:
         elif entry.get("sha256") != hashlib.sha256(data).hexdigest():
             raise ModelError(f"{where}: {name} does not match its manifest (damaged or changed)")
         try:
-            # Own, aligned copies: views into ``data`` are unaligned, and kernels then
-            # run far slower (or copy the weights on every call).
-            state = {k: v.clone() for k, v in load(data).items()}
-        except Exception as e:  # safetensors raises several types for bad bytes
+            state = _tensors(data)
+        except ValueError as e:
             raise ModelError(f"{where}: {name} is not a safetensors file ({e})") from None
         del data
         if fingerprint(state) != entry.get("fingerprint"):
@@ -470,6 +467,56 @@ class Bundle:
                 "manifest's fingerprint"
             )
         return module
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in ``data``, each an own, aligned copy made
+    straight from ``data`` (so at most the file's bytes and the weights are held at once;
+    safetensors' ``load`` copies every tensor once more first). Views into ``data`` would
+    be unaligned, and kernels then run far slower. ValueError if the bytes are malformed.
+    """
+    if len(data) < 8:
+        raise ValueError("too short")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8 or size > 100 << 20:
+        raise ValueError("its header is larger than the file")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"its header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    body = 8 + size
+    out: dict[str, torch.Tensor] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, stop = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {key!r} is described wrongly") from None
+        length = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= start <= stop <= len(data) - body:
+            raise ValueError(f"tensor {key!r} lies outside the file")
+        if stop - start != length:
+            raise ValueError(f"tensor {key!r} has {stop - start} bytes, its shape needs {length}")
+        t = torch.empty(shape, dtype=dtype)
+        if length:
+            with warnings.catch_warnings():  # read only, and copied at once
+                warnings.simplefilter("ignore", UserWarning)
+                src = torch.frombuffer(data, dtype=torch.uint8, count=length, offset=body + start)
+            t.view(-1).view(torch.uint8).copy_(src)
+        out[key] = t
+    return out
 
 
 def materialize(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
