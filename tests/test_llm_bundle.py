@@ -50,6 +50,18 @@ def _one_line(out: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def _edge_one_line(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """``splitnet-edge ARGV`` run in this process (its real main): exit 2, one line."""
+    from edge.cli import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def lms():
     return {name: load_lm(name) for name in MODELS}
@@ -210,13 +222,14 @@ def test_the_cli_generates_from_a_bundle(server, lms, cli_bundles: Path) -> None
         assert doc["tokens"] == reference(lms[model], prompt, NEW), model
 
 
-def test_the_cli_refuses_bad_bundles_with_one_line(server, cli_bundles: Path, tmp_path) -> None:
+def test_the_cli_refuses_bad_bundles_with_one_line(server, cli_bundles, tmp_path, capsys) -> None:
     base = ["generate", "--server", server.address, "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
     sealed, plain = cli_bundles / "sealed", cli_bundles / "plain"
-    assert "is encrypted: give its key" in _one_line(_run("edge.cli", *base, "--bundle", str(sealed)))
     new_key(tmp_path / "other")
-    line = _one_line(_run("edge.cli", *base, "--bundle", str(sealed), "--bundle-key", str(tmp_path / "other")))
-    assert "wrong key" in line
+    # One real process: exit status 2 and one line on stderr.
+    out = _run("edge.cli", *base, "--bundle", str(sealed), "--bundle-key", str(tmp_path / "other"))
+    assert "wrong key" in _one_line(out)
+    assert "is encrypted: give its key" in _edge_one_line(capsys, *base, "--bundle", str(sealed))
     # One byte flipped in the encrypted weights; the manifest edited.
     for name in ("sealed", "plain"):
         shutil.copytree(cli_bundles / name, tmp_path / name)
@@ -225,40 +238,45 @@ def test_the_cli_refuses_bad_bundles_with_one_line(server, cli_bundles: Path, tm
     data[len(data) // 2] ^= 0x01
     enc.write_bytes(data)
     key = ["--bundle-key", str(cli_bundles / "key")]
-    line = _one_line(_run("edge.cli", *base, "--bundle", str(tmp_path / "sealed"), *key))
+    line = _edge_one_line(capsys, *base, "--bundle", str(tmp_path / "sealed"), *key)
     assert "changed or damaged (authentication failed)" in line
     shutil.copy(sealed / "edge.safetensors.enc", enc)
     manifest = tmp_path / "sealed" / "manifest.json"
     doc = json.loads(manifest.read_text())
     doc["model"]["eos_token_ids"] = [7]
     manifest.write_text(json.dumps(doc))
-    line = _one_line(_run("edge.cli", *base, "--bundle", str(tmp_path / "sealed"), *key))
+    line = _edge_one_line(capsys, *base, "--bundle", str(tmp_path / "sealed"), *key)
     assert "changed or damaged (authentication failed)" in line
     # Unencrypted: its sha256 catches damage.
     st = tmp_path / "plain" / "edge.safetensors"
     data = bytearray(st.read_bytes())
     data[-9] ^= 0x01
     st.write_bytes(data)
-    line = _one_line(_run("edge.cli", *base, "--bundle", str(tmp_path / "plain")))
+    line = _edge_one_line(capsys, *base, "--bundle", str(tmp_path / "plain"))
     assert "does not match its manifest" in line
-    # A language model's bundle is not for `run`, and a graph command says so.
-    line = _one_line(_run("edge.cli", "run", "--server", server.address, "--bundle", str(plain)))
+    # A language model's bundle is not for `run`, and a cut it cannot serve is refused.
+    line = _edge_one_line(capsys, "run", "--server", server.address, "--bundle", str(plain))
     assert "run it with splitnet-edge generate --bundle" in line
-    line = _one_line(_run("edge.cli", *base, "--bundle", str(plain), "--cut", "block.3"))
+    line = _edge_one_line(capsys, *base, "--bundle", str(plain), "--cut", "block.3")
     assert "deeper than this device's bundle" in line
 
 
-def test_export_mistakes_are_one_line(cli_bundles: Path, tmp_path: Path) -> None:
+def test_export_mistakes_are_one_line(cli_bundles: Path, tmp_path: Path, capsys) -> None:
+    from splitnet.cli import main
+
+    def one_line(*argv: str) -> str:
+        with torch.set_grad_enabled(torch.is_grad_enabled()):  # main() sets it: put it back
+            code = main(list(argv))
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
     x = ["export", "tiny:llama", "--out", str(tmp_path / "b")]
-    assert "block.K" in _one_line(_run("splitnet.cli", *x, "--cut", "layer2"))
-    assert "not safe for language-model" in _one_line(
-        _run("splitnet.cli", *x, "--cut", "block.2", "--codecs", "int8+zstd:1")
-    )
-    assert "--whole is not for language models" in _one_line(
-        _run("splitnet.cli", *x, "--cut", "block.2", "--whole")
-    )
-    out = _run("splitnet.cli", "export", "tiny:llama", "--cut", "block.2", "--out", str(cli_bundles / "sealed"))
-    assert "already holds a bundle" in _one_line(out)
+    assert "block.K" in one_line(*x, "--cut", "layer2")
+    assert "not safe for language-model" in one_line(*x, "--cut", "block.2", "--codecs", "int8")
+    assert "--whole is not for language models" in one_line(*x, "--cut", "block.2", "--whole")
+    out = ["--out", str(cli_bundles / "sealed")]
+    assert "already holds a bundle" in one_line("export", "tiny:llama", "--cut", "block.2", *out)
 
 
 # ---------------------------------------------------------------- memory
