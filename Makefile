@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-stamp
 WEIGHTS := .cache/digits-cnn.safetensors
 PROTOS := $(wildcard proto/splitnet/v1/*.proto)
 
-.PHONY: install test lint demo proto sweep soak bench-codecs bench-llm-codecs bench-overhead bench-ray lock clean
+# demo-llm: split generation with SmolLM2-135M-Instruct.
+.PHONY: install test lint demo demo-llm proto sweep soak bench-codecs bench-llm-codecs bench-overhead bench-ray lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +52,26 @@ demo: $(WEIGHTS)
 	head -n 1 $$log; addr=$$(grep -o "listening on [^ ]*" $$log | cut -d" " -f3); \
 	$(VENV)/bin/splitnet-edge run --server $$addr --model digits-cnn --weights $(WEIGHTS) \
 		--cut $(DEMO_CUT) --codec $(DEMO_CODEC); \
+	kill -TERM $$pid; wait $$pid || true; tail -n 1 $$log
+
+# Split generation: SmolLM2-135M-Instruct (float32) served by splitnet-cloud, the edge
+# running the embeddings and the first half of its 30 blocks, one session with a KV cache
+# on each side; prints the text, time to first token, tokens/s and the breakdown.
+LLM_CUT ?= block.15
+LLM_CODEC ?= raw
+LLM_PROMPT ?= What is the capital of France?
+demo-llm: $(STAMP)
+	$(VENV)/bin/splitnet cuts smollm2 --codecs raw,fp16,int8o:4 | head -n 4
+	@set -e; log=$$(mktemp); \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/splitnet-cloud --model smollm2 --port 0 >$$log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null || true; rm -f $$log' EXIT; \
+	for i in $$(seq 1 600); do grep -q "listening on" $$log && break; \
+		kill -0 $$pid 2>/dev/null || { cat $$log; exit 1; }; sleep 0.5; done; \
+	head -n 1 $$log; addr=$$(grep -o "listening on [^ ]*" $$log | cut -d" " -f3); \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/splitnet-edge generate --server $$addr --model smollm2 \
+		--cut $(LLM_CUT) --codec $(LLM_CODEC) --prompt "$(LLM_PROMPT)" --max-new-tokens 48; \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/splitnet-edge generate --server $$addr --model smollm2 \
+		--cut block.10:block.20 --codec int8o:4 --prompt "$(LLM_PROMPT)" --max-new-tokens 48; \
 	kill -TERM $$pid; wait $$pid || true; tail -n 1 $$log
 
 bench-codecs: $(STAMP)

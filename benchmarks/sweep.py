@@ -42,12 +42,14 @@ from typing import Any
 import torch
 
 from benchmarks.link import LinkProfile, LinkRelay, load_profiles, parse_link
+from benchmarks.sweep_llm import run_llm
 from benchmarks.sweep_plots import bytes_plot, latency_plot
 from edge.auto import AutoPlan, calibrate_agreement
 from edge.client import EdgeClient, InferResult
 from splitnet.codecs import parse_codec
 from splitnet.data import Split, load_digits
 from splitnet.examples import example_input
+from splitnet.llm.models import is_llm_name
 from splitnet.models import resolve
 from splitnet.partition import INPUT, OUTPUT
 from splitnet.planning import CostTable, LinkEstimate, Prediction, measure_costs
@@ -510,7 +512,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="digits-cnn")
     p.add_argument("--weights", default=None)
     p.add_argument("--links", default="CAT1,3G,4G,WiFi,5G", help="profile names or 10mbit/40ms")
-    p.add_argument("--codecs", default="raw,zstd:1,int8+zstd:1")
+    p.add_argument(
+        "--codecs", default=None, help="default raw,zstd:1,int8+zstd:1 (LMs: raw,fp16,int8o:8)"
+    )
+    # Language models only (benchmarks.sweep_llm): block cuts, prompt and generation length.
+    p.add_argument("--cuts", default=None, help="LMs: block.K[,block.K:block.M...]")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="LMs: prompt length")
+    p.add_argument("--new-tokens", type=int, default=32, help="LMs: tokens generated")
     p.add_argument(
         "--edge-slowdown",
         type=float,
@@ -548,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     # relay, every wake-up after an idle gap cost milliseconds and the profile lied.
     torch.set_num_threads(args.edge_threads)
     t0 = time.time()
+    if is_llm_name(args.model):  # generation: block cuts x codecs x links
+        llm = run_llm(args, CloudProcess)
+        print(f"wrote {', '.join(llm['paths'])} in {time.time() - t0:.0f} s")
+        return 0
+    args.codecs = args.codecs or "raw,zstd:1,int8+zstd:1"
     result = run(args)
     print_summary(result["summary"], args.edge_slowdown)
     print(

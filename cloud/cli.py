@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``splitnet-cloud``."""
     p = argparse.ArgumentParser(
         prog="splitnet-cloud",
-        description=__doc__.split("\n")[0]
-        + " Run `splitnet-cloud ray --help` for the same on Ray Serve.",
+        description=__doc__.split("\n")[0].replace("``", "")
+        + " Run 'splitnet-cloud ray --help' for the same on Ray Serve.",
     )
     add_model_arguments(p)
     add_config_arguments(p, ServerConfig, skip=_SERVER_SKIP)
@@ -149,7 +149,12 @@ async def _serve(config: ServerConfig) -> int:
     server.handle_signals()  # before the banner: whoever reads it may signal at once
     print(server.banner(), flush=True)
     await server.wait()
-    print(f"splitnet-cloud stopped after {server.service.served} requests", flush=True)
+    sessions = (
+        f" and {server.generation.sessions_opened} generation sessions"
+        if server.generation is not None
+        else ""
+    )
+    print(f"splitnet-cloud stopped after {server.service.served} requests{sessions}", flush=True)
     return 0
 
 

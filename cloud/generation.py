@@ -180,6 +180,7 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
         self.batcher = StepBatcher(table.limits.max_batch_size, device)
         self.codecs = accepted_codecs(llm_safe_only=True)
         self._reaper: asyncio.Task[None] | None = None
+        self.sessions_opened = 0  # sessions admitted since start
 
     async def close(self) -> None:
         """Stop the worker and the idle reaper; end every session."""
@@ -244,7 +245,8 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
                 if session is not None:
                     wait = max(self.table.idle_left_s(session), 0.0)
                 try:
-                    request = await asyncio.wait_for(requests.__anext__(), wait)
+                    async with asyncio.timeout(wait):  # a timer, not a task per message
+                        request = await requests.__anext__()
                 except StopAsyncIteration:
                     reason = "half-closed"
                     return
@@ -271,6 +273,7 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
                         raise RequestError(INVALID, "a second open on one stream: one session "
                                            "per Generate stream")  # fmt: skip
                     session = self._open(request.open)
+                    self.sessions_opened += 1
                     yield gpb.GenerateResponse(opened=self._opened(session))
                     continue
                 if session is None:

@@ -97,6 +97,15 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             resp = self.runtime.model_info(request.model)
         except RequestError as e:
             await _abort(context, e)
+        except Exception as e:  # a bug of ours: a status code, not UNKNOWN with its text
+            logger.error("GetModelInfo failed inside the server", exc_info=e)
+            await _abort(
+                context,
+                RequestError(
+                    grpc.StatusCode.INTERNAL,
+                    "GetModelInfo failed inside the server; the server log has the details",
+                ),
+            )
         c = self.config
         limits = resp.limits
         limits.max_message_bytes = c.max_message_bytes
@@ -144,7 +153,18 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         try:
             while (item := await answers.get()) is not None:
                 envelope = item if isinstance(item, pb.StreamResponse) else await item
-                for msg in self._response_messages(envelope):
+                try:
+                    messages = self._response_messages(envelope)
+                except Exception as e:  # a bug of ours: this answer fails in-band, alone
+                    logger.error("answer %d failed inside the server", envelope.response.id,
+                                 exc_info=e)  # fmt: skip
+                    error = RequestError(
+                        grpc.StatusCode.INTERNAL,
+                        f"request {envelope.response.id} failed inside the server; the "
+                        "server log has the details",
+                    )
+                    messages = [_error_envelope(envelope.response.id, error)]
+                for msg in messages:
                     yield msg
             if broken:
                 self._failed(None, broken[0])

@@ -33,6 +33,7 @@ from splitnet.codecs import decode, encode, parse_codec
 from splitnet.errors import ConfigError, ProtocolError, RemoteError, remote_error
 from splitnet.llm import LanguageModel, Sampling, load_lm, next_token, parse_block_cut
 from splitnet.llm.halves import EdgeHalf, EdgeState
+from splitnet.llm.models import decode_ids, encode_text
 from splitnet.v1 import generation_pb2 as gpb
 
 __all__ = ["GenerateConfig", "GenerationResult", "Generator", "TokenTiming"]
@@ -98,6 +99,8 @@ class TokenTiming:
     bytes_up: int  # request message size
     bytes_down: int  # response message size
     batch_size: int  # sessions the server ran this step with
+    round_trip_ms: float = 0.0  # message sent -> answer received
+    server_blocks_ms: float = 0.0  # the server's blocks (and head) alone, for its batch
 
 
 @dataclass
@@ -215,12 +218,12 @@ class Generator:
             lm = lm if lm is not None else load_lm(config.model)
             self.cut = parse_block_cut(config.cut, lm.num_layers)
             self.edge = EdgeHalf(lm, self.cut)  # only the edge's modules are kept
+        # Only the edge's modules and the tokenizer are kept: when the model was loaded
+        # here, the server's blocks are freed with ``lm``.
         self.tokenizer = lm.tokenizer
         self.vocab_size = int(lm.model.config.vocab_size)
         self.eos = frozenset(lm.eos_token_ids) if config.stop_at_eos else frozenset()
         self.codec = parse_codec(config.codec)
-        self._decode_text = lm.decode_ids
-        self._encode_text = lm.encode_text
         self._rng = rng or random.Random()
         self._channel: grpc.Channel | None = None
         self._call: Any = None
@@ -300,7 +303,11 @@ class Generator:
     # ---------------------------------------------------------- generation
     def encode(self, text: str, *, chat: bool = True) -> list[int]:
         """Token ids of ``text`` (a one-turn chat prompt when the model has a template)."""
-        return self._encode_text(text, chat=chat)
+        return encode_text(self.tokenizer, self.config.model, text, chat=chat)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` ("" without a tokenizer)."""
+        return decode_ids(self.tokenizer, ids)
 
     def generate(
         self,
@@ -372,13 +379,15 @@ class _Run:
             answer, timing = self._with_reconnects(
                 functools.partial(self._step, position, hidden), step=True
             )
-            timing["edge_ms"] += edge_ms
-            steps.append(TokenTiming(**timing))
+            if timing is not None:  # None: answered by a replay after a fault
+                timing["edge_ms"] += edge_ms
+                timing["total_ms"] += edge_ms
+                steps.append(TokenTiming(**timing))
         total = time.perf_counter() - start
         self._close(polite=True)
         return GenerationResult(
             tokens=tokens,
-            text=gen._decode_text(tokens),
+            text=gen.decode(tokens),
             prompt_tokens=len(self.prompt),
             ttft_s=ttft,
             total_s=total,
@@ -481,6 +490,8 @@ class _Run:
             "bytes_up": req.ByteSize(),
             "bytes_down": reply.ByteSize(),
             "batch_size": st.batch_size,
+            "round_trip_ms": round_ms,
+            "server_blocks_ms": st.compute_ms,
         }
         return answer, timing
 
@@ -514,11 +525,7 @@ class _Run:
                 continue
             if not step:
                 return answer
-            # The replay answered the pending position: no step timing to report.
-            return answer, dict(
-                edge_ms=0.0, encode_ms=0.0, network_ms=0.0, queue_ms=0.0, compute_ms=0.0,
-                total_ms=0.0, bytes_up=0, bytes_down=0, batch_size=0,
-            )  # fmt: skip
+            return answer, None  # the replay answered the pending step: no step timing
         raise error
 
     def _close(self, *, polite: bool = False) -> None:

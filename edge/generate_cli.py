@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from splitnet.errors import SplitNetError
+
+if TYPE_CHECKING:
+    from edge.generate import Generator
 
 __all__ = ["add_generate_arguments", "cmd_generate"]
 
@@ -128,14 +132,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 class _Streamer:
     """Prints the text as tokens arrive (the decoded text's new characters)."""
 
-    def __init__(self, gen: object) -> None:
+    def __init__(self, gen: Generator) -> None:
         self.gen = gen
         self.ids: list[int] = []
         self.shown = 0
 
     def token(self, token: int) -> None:
         self.ids.append(token)
-        text = self.gen._decode_text(self.ids)  # type: ignore[attr-defined]
+        text = self.gen.decode(self.ids)
         if len(text) > self.shown and not text.endswith("\ufffd"):  # no half a character
             sys.stdout.write(text[self.shown :])
             sys.stdout.flush()

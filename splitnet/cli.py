@@ -22,6 +22,7 @@ from splitnet import __version__
 from splitnet.codecs import parse_codec
 from splitnet.errors import SplitNetError
 from splitnet.examples import example_input
+from splitnet.llm.models import is_llm_name
 from splitnet.models import fingerprint, load_model, resolve, save_weights, untrained_warning
 from splitnet.partition import trace
 from splitnet.report import codec_accuracy, cut_table, format_table
@@ -104,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     c = sub.add_parser("cuts", help="list every cut: frontier, bytes per codec, parameters")
-    c.add_argument("model", help="digits-cnn, torchvision:NAME or package.module:callable")
+    c.add_argument(
+        "model",
+        help="digits-cnn, torchvision:NAME, package.module:callable, or a language model: "
+        "smollm2, hf:DIR, tiny:llama",
+    )
     c.add_argument("--weights", default=None)
     c.add_argument(
         "--input-shape",
@@ -322,6 +327,8 @@ def warn_untrained(command: str, model: str, weights: str | None) -> None:
 
 
 def cmd_cuts(args: argparse.Namespace) -> int:
+    if is_llm_name(args.model):
+        return _llm_cuts(args)
     spec = resolve(args.model, args.input_shape)
     warn_untrained("cuts", args.model, args.weights)
     model = load_model(args.model, args.weights, input_shape=spec.input_shape)
@@ -361,6 +368,36 @@ def cmd_cuts(args: argparse.Namespace) -> int:
             r["head_params"],
             r["tail_params"],
         ]
+        for r in rows
+    ]
+    print(format_table(table, header))
+    return 0
+
+
+def _llm_cuts(args: argparse.Namespace) -> int:
+    """``splitnet cuts smollm2``: block cuts, parameters and bytes per token per codec."""
+    from splitnet.llm import load_lm
+    from splitnet.llm.table import LLM_CODECS, llm_cut_rows
+
+    codecs = list(LLM_CODECS) if args.codecs == parse_codecs(DEFAULT_CODECS) else args.codecs
+    lm = load_lm(args.model)
+    rows = llm_cut_rows(lm, codecs)
+    if args.json:
+        doc = {"model": args.model, "num_layers": lm.num_layers, "hidden_size": lm.hidden_size,
+               "tied_embeddings": lm.tied_embeddings, "cuts": rows}  # fmt: skip
+        print(json.dumps(doc, indent=2))
+        return 0
+    tied = ", tied embeddings (both sides hold the matrix at block.K)" if lm.tied_embeddings else ""
+    print(
+        f"{args.model}: {lm.num_layers} blocks, hidden {lm.hidden_size}{tied}; block.K sends a "
+        "hidden vector up and gets a token id back; bytes are one token's wire message. "
+        "U-shaped block.K:block.M also runs blocks [M, n) and the LM head on the edge."
+    )
+    header = ["cut", "edge params", "cloud params", "edge KV B/token", "cloud KV B/token",
+              *[f"{c} B/token" for c in rows[0]["bytes_per_token"]]]  # fmt: skip
+    table = [
+        [r["cut"], r["edge_params"], r["cloud_params"], r["edge_kv_bytes_per_token"],
+         r["cloud_kv_bytes_per_token"], *r["bytes_per_token"].values()]  # fmt: skip
         for r in rows
     ]
     print(format_table(table, header))

@@ -18,9 +18,11 @@ Every component starts from a prior and is then learned from live requests:
 * ``bytes``: ``splitnet.codecs.estimate_nbytes`` on each cut's frontier (no encoding).
 * ``B_up``, ``RTT``, ``queue``: a link prior, then ``LinkEstimator`` (as before).
 
-A learned value (``learned``) is the median of the last ``WINDOW`` observations; until
-there are ``TRUST_AFTER``, the lower median of them and the prior, so one observation
-below the prior replaces it at once, and a prior too low is replaced by the third.
+A learned value (``learned``) is the median of the last ``WINDOW`` observations, the
+very first left out once there is a second (a first run pays one-time costs: a tail or
+head built and run cold). Until there are ``TRUST_AFTER``, it is the lower median of
+them and the prior: an observation below the prior replaces it at once, and a prior
+too low is gone by the fourth observation.
 The cut ``output`` runs everything on the device: T = edge(output), no network.
 Lossy codecs are allowed only where their calibrated agreement with the unsplit model
 loses at most ``accuracy_budget``.
@@ -149,10 +151,13 @@ REPLAN_FLOOR_MS = 0.5  # ...and by at least this much
 
 
 def learned(prior: float, samples: Sequence[float] | None, trust_after: int = TRUST_AFTER) -> float:
-    """The median of ``samples``; until there are ``trust_after``, the lower median of
-    them and ``prior`` (see the module docstring). No samples: the prior.
+    """The median of ``samples`` (the first left out once there is a second); until
+    there are ``trust_after`` of them, the lower median of them and ``prior`` (see the
+    module docstring). No samples: the prior.
     """
     values = list(samples or ())
+    if len(values) > 1:  # the first observation pays one-time costs (a first run)
+        values = values[1:]
     if len(values) >= trust_after:
         return statistics.median(values)  # what a request will most likely see
     values.append(prior)

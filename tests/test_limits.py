@@ -449,3 +449,52 @@ def test_the_allocator_gives_freed_memory_back() -> None:
         _until(lambda: rss_bytes() < held - (32 << 20))  # given back, not kept
     finally:
         trimmer.stop()
+
+
+# ------------------------------------------------ every exception has a code
+class _BrokenRuntime(TailRuntime):
+    """The digits runtime, with a bug in ``model_info`` and in decoding one cut."""
+
+    def __init__(self, base: TailRuntime) -> None:  # shares the loaded models
+        self.__dict__.update(base.__dict__)
+
+    def model_info(self, name: str = "") -> pb.ModelInfoResponse:
+        raise ValueError("secret internal detail")
+
+    def decode(self, job) -> None:  # type: ignore[no-untyped-def]
+        if job.cut.name == "pool1":
+            raise ValueError("secret internal detail")
+        super().decode(job)
+
+
+def test_a_bug_inside_the_server_is_internal_and_alone(digits_runtime: TailRuntime) -> None:
+    from splitnet.v1 import inference_pb2_grpc as pb_grpc
+
+    config = ServerConfig(models=(ModelEntry(name="digits-cnn"),), port=0)
+    server = BackgroundServer(config, _BrokenRuntime(digits_runtime))
+    fp = digits_runtime.models["digits-cnn"].fingerprint
+    x = load_digits()["test"].x[:1]
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.SplitInferenceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert "secret" not in (err.value.details() or "")
+            graph = digits_runtime.models["digits-cnn"].graph
+            good = pb.InferRequest(id=1, model="digits-cnn", cut="input", fingerprint=fp)
+            good.frontier.append(encode(x))
+            bad = pb.InferRequest(id=2, model="digits-cnn", cut="pool1", fingerprint=fp)
+            head = graph.split("pool1")[0](x)
+            bad.frontier.extend(encode(t) for t in (head if isinstance(head, tuple) else [head]))
+            answers = list(
+                stub.InferStream(
+                    iter([pb.StreamRequest(request=r) for r in (bad, good)]), timeout=10
+                )
+            )
+        assert [a.response.id for a in answers] == [2, 1]  # the stream went on
+        assert answers[0].response.error.code == grpc.StatusCode.INTERNAL.value[0]
+        assert "secret" not in answers[0].response.error.message
+        assert not answers[1].response.HasField("error")
+    finally:
+        server.stop()

@@ -6,6 +6,7 @@ caches freed when a session ends, drops or idles out.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -292,3 +293,59 @@ def test_generator_config_is_checked() -> None:
         GenerateConfig(model="tiny:llama", codec="int8")
     with pytest.raises(ConfigError, match="top_p"):
         GenerateConfig(model="tiny:llama", top_p=0)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_generate_command_json_equals_generate(server, lms, model: str, capsys) -> None:
+    from edge.cli import main
+
+    lm = lms[model]
+    prompt = prompt_ids(lm.model.config.vocab_size)
+    expected = reference(lm, prompt)
+    for cut in ("block.1", "block.2", "block.1:block.3"):
+        status = main(["generate", "--server", server.address, "--model", model, "--cut", cut,
+                       "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens",
+                       str(NEW_TOKENS), "--chunk-tokens", str(CHUNK), "--json"])  # fmt: skip
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert status == 0
+        report = json.loads(lines[-1])
+        assert report["tokens"] == expected
+        assert report["tokens_per_s"] > 0 and len(report["steps"]) == NEW_TOKENS - 1
+        assert set(report["per_token_ms"]) >= {
+            "edge_ms", "encode_ms", "network_ms", "queue_ms", "compute_ms"
+        }
+        assert any("tokens/s" in line and "bytes/token" in line for line in lines)
+
+
+def test_generate_command_mistakes_are_one_line(server, capsys) -> None:
+    from edge.cli import main
+
+    for args, text in (
+        (["--cut", "block.9", "--prompt-ids", "1,2"], "block.9 does not fit"),
+        (["--prompt-ids", "1,x"], "give integers"),
+        (["--prompt-ids", "1,99999"], "below the vocabulary size 512"),
+        (["--prompt", "hello"], "no tokenizer"),
+        (["--codec", "int8", "--prompt-ids", "1"], "not safe"),
+    ):
+        status = main(["generate", "--server", server.address, "--model", "tiny:llama", *args])
+        err = capsys.readouterr().err
+        assert status == 2 and err.count("\n") == 1 and text in err, err
+
+
+def test_generation_needs_the_bearer_token_when_the_server_has_one(lms) -> None:
+    from splitnet.errors import UnauthenticatedError
+
+    token = "generation-token-0123456789"
+    config = ServerConfig(models=(ModelEntry(name="tiny:llama"),), port=0,
+                          tokens=frozenset({token}))  # fmt: skip
+    s = BackgroundServer(config)
+    try:
+        lm = lms["tiny:llama"]
+        with Generator(s.address, GenerateConfig(model="tiny:llama"), lm=lm) as g:
+            with pytest.raises(UnauthenticatedError):
+                g.generate([1, 2, 3], 4)
+        with Generator(s.address, GenerateConfig(model="tiny:llama", token=token), lm=lm) as g:
+            assert g.generate([1, 2, 3], 4).tokens == reference(lm, [1, 2, 3], 4)
+        assert len(s.server.generation.table) == 0
+    finally:
+        s.stop()

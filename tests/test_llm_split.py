@@ -123,3 +123,19 @@ def test_bad_names() -> None:
         load_lm("tiny:bert")
     with pytest.raises(ModelError, match="bad override"):
         load_lm("tiny:llama:layers=x")
+
+
+def test_hf_directory_loads_and_splits_exactly(tmp_path) -> None:
+    tiny = load_lm("tiny:gpt2:layers=3")
+    tiny.model.save_pretrained(str(tmp_path))
+    lm = load_lm(f"hf:{tmp_path}")
+    assert lm.family == "gpt2" and lm.num_layers == 3 and lm.tokenizer is None
+    for a, b in zip(tiny.model.state_dict().values(), lm.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    prompt = prompt_ids(512)
+    expected = reference(lm, prompt)
+    for cut in ("block.1", "block.1:block.2"):
+        split = split_model(lm, parse_block_cut(cut, lm.num_layers))
+        assert generate_local(split, prompt, NEW_TOKENS, chunk_tokens=CHUNK) == expected
+    with pytest.raises(ModelError, match="config.json"):
+        load_lm(f"hf:{tmp_path / 'missing'}")

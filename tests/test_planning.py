@@ -197,12 +197,14 @@ def test_small_sweep_writes_csv_json_png(digits_weights: Path, tmp_path: Path) -
 
 
 def test_a_learned_value_replaces_its_prior() -> None:
-    """One observation below the prior replaces it; a prior too low goes at the third."""
+    """One observation below the prior replaces it; a prior too low goes at the fourth
+    (the first observation is left out once there is a second: it ran cold)."""
     assert learned(30.0, []) == 30.0
     assert learned(30.0, [0.3]) == 0.3  # the profile was too slow: trusted at once
-    assert learned(0.5, [5.0]) == 0.5  # one slow observation (a tail built) moves nothing
-    assert learned(0.5, [5.0, 6.0]) == 5.0  # the lower median of prior and two
-    assert learned(0.5, [5.0, 6.0, 5.5]) == 5.5  # three: the prior no longer counts
+    assert learned(30.0, [45.0, 0.3]) == 0.3  # a cold first run is left out
+    assert learned(0.5, [5.0]) == 0.5  # one slow observation moves nothing
+    assert learned(0.5, [5.0, 6.0, 5.5]) == 5.5  # the lower median of prior, 6 and 5.5
+    assert learned(0.5, [9.0, 6.0, 5.5, 5.0]) == 5.5  # three: the prior no longer counts
 
 
 def _request(cut: str, codec: str, *, cloud: float, batch: int = 1, edge: float = 0.0) -> InferResult:
@@ -221,7 +223,7 @@ def test_cloud_compute_is_learned_per_cut_and_batch() -> None:
     )
     assert planner.cloud_ms("input") == 0.2 and planner.moved is not None
     planner.planned()
-    for ms in (3.0, 3.1, 2.9):  # batches of 4 cost what they cost, apart from batch 1
+    for ms in (3.0, 3.0, 3.1, 2.9):  # batches of 4 cost what they cost, apart from batch 1
         planner.observe_request(
             "input", "raw", edge_ms=0, encode_ms=0.1, decode_ms=0.1, cloud_ms=ms, batch=4
         )
@@ -279,7 +281,7 @@ def test_exploration_is_a_doubling_schedule_and_costs_log_n_requests() -> None:
 def test_a_refreshed_server_table_is_the_prior_again() -> None:
     link = LinkEstimate(up_mbit=8.0, down_mbit=8.0, rtt_ms=10.0)
     plan = AutoPlan.from_table(_table(), prior=link)
-    for ms in (0.4, 0.5, 0.6):
+    for ms in (0.4, 0.5, 0.5, 0.6):
         plan.learn(_request("mid", "raw", cloud=ms, edge=5.0), link=False, probe_rtt=None)
     assert plan.planner.cloud_ms("mid") == 0.5
     info = pb.ModelInfo(name="m")
@@ -300,16 +302,16 @@ def test_request_bytes_are_estimated_not_encoded() -> None:
             assert est == real if codec != "zstd:1" else abs(est - real) <= 0.05 * real
 
 
-WRONG_MS = 30.0  # the start-up profile of cut input: more than 10x what it costs
+WRONG_MS = 100.0  # the start-up profile of cut input: far more than 10x what it costs
 
 
 def test_auto_corrects_a_wrong_server_profile_from_responses(digits_weights: Path) -> None:
-    """The server's start-up profile says the whole model (cut ``input``) takes 30 ms;
-    its responses report what it really takes (well under 3 ms on any machine this
-    runs on). The device's figures are stated (``learn_edge`` False: head at pool1
-    10 ms, whole model 100 ms), so only the learned cloud compute decides. The planner
-    starts at pool1 (10 ms beats 30), probes input at request 8 (the schedule),
-    learns its compute from that one response, and moves: within 8 requests.
+    """The server's start-up profile says the whole model (cut ``input``) takes 100 ms;
+    its responses report what it really takes (about 0.3 ms here; under 10 ms on any
+    machine this runs on). The device's figures are stated (``learn_edge`` False: head
+    at pool1 20 ms, whole model 200 ms), so only the learned cloud compute decides. The
+    planner starts at pool1 (20 ms beats 100), probes input at requests 8 and 9 (the
+    schedule), learns its compute from those responses, and moves: by request 9.
     """
     x = load_digits()["test"].x[:1]
     model = load_model("digits-cnn", digits_weights)
@@ -324,7 +326,7 @@ def test_auto_corrects_a_wrong_server_profile_from_responses(digits_weights: Pat
             decode_ms=0.01,
         )  # fmt: skip
     table = CostTable(
-        edge_ms={"input": 0.0, "pool1": 10.0, "output": 100.0},
+        edge_ms={"input": 0.0, "pool1": 20.0, "output": 200.0},
         cloud_ms={},  # from the server's GetModelInfo
         pairs=pairs,
         result_bytes=96,
@@ -344,15 +346,15 @@ def test_auto_corrects_a_wrong_server_profile_from_responses(digits_weights: Pat
         ) as client:  # fmt: skip
             auto = client.auto
             assert auto is not None and auto.planner.cloud_ms("input") == WRONG_MS
-            assert client.cut == "pool1"  # the wrong start: the profile prices input at 30 ms
+            assert client.cut == "pool1"  # the wrong start: the profile prices input at 100 ms
             results = [client.infer(x) for _ in range(40)]
     finally:
         server.stop()
     assert all(torch.equal(r.output, want) for r in results)  # probes answer correctly too
     assert auto.probes[0] == (8, "input", "raw")
-    assert (auto.history[0][1].cut, auto.history[1][0], auto.history[1][1].cut) == (
-        "pool1", 8, "input",
-    )  # fmt: skip
+    # Moved by the probe's second request at the latest (its first may run cold).
+    assert auto.history[0][1].cut == "pool1" and auto.history[1][1].cut == "input"
+    assert auto.history[1][0] in (8, 9)
     # The final choice is the cheapest on the learned components...
     best = auto.planner.plan(auto.estimator.estimate)
     assert (client.cut, client.codec) == (best.cut, best.codec) == ("input", "raw")

@@ -38,6 +38,8 @@ __all__ = [
     "FAMILIES",
     "SMOLLM2",
     "LanguageModel",
+    "decode_ids",
+    "encode_text",
     "is_llm_name",
     "load_lm",
     "smollm2_cache_dir",
@@ -114,22 +116,33 @@ class LanguageModel:
 
     def encode_text(self, text: str, *, chat: bool = False) -> list[int]:
         """Token ids of ``text`` (as a one-turn chat prompt when ``chat``)."""
-        tok = self.tokenizer
-        if tok is None:
-            raise ModelError(f"{self.name} has no tokenizer: give token ids instead of text")
-        if chat and getattr(tok, "chat_template", None):
-            out = tok.apply_chat_template(  # type: ignore[attr-defined]
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-            ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-            return [int(i) for i in ids]
-        return [int(i) for i in tok.encode(text)]  # type: ignore[attr-defined]
+        return encode_text(self.tokenizer, self.name, text, chat=chat)
 
     def decode_ids(self, ids: list[int]) -> str:
         """Text of ``ids`` (empty when there is no tokenizer)."""
-        if self.tokenizer is None:
-            return ""
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))  # type: ignore[attr-defined]
+        return decode_ids(self.tokenizer, ids)
+
+
+def encode_text(tokenizer: object | None, name: str, text: str, *, chat: bool = False) -> list[int]:
+    """Token ids of ``text`` with ``tokenizer`` (a one-turn chat prompt when ``chat`` and
+    the tokenizer has a chat template); ``ModelError`` without a tokenizer.
+    """
+    tok: Any = tokenizer
+    if tok is None:
+        raise ModelError(f"{name} has no tokenizer: give token ids instead of text")
+    if chat and getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return [int(i) for i in ids]
+    return [int(i) for i in tok.encode(text)]
+
+
+def decode_ids(tokenizer: object | None, ids: list[int]) -> str:
+    """Text of ``ids`` (special tokens left out; empty without a tokenizer)."""
+    tok: Any = tokenizer
+    return "" if tok is None else str(tok.decode(ids, skip_special_tokens=True))
 
 
 def is_llm_name(name: str) -> bool:
