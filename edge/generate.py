@@ -201,12 +201,23 @@ class Generator:
         *,
         lm: LanguageModel | None = None,
         rng: random.Random | None = None,
+        bundle: str | Path | None = None,
+        bundle_key: bytes | None = None,
     ) -> None:
         self.server = server
         self.config = config
-        lm = lm if lm is not None else load_lm(config.model)
-        self.cut = parse_block_cut(config.cut, lm.num_layers)
-        self.edge = EdgeHalf(lm, self.cut)  # only the edge's modules are kept
+        if bundle is not None:  # only the edge half, from `splitnet export` (no checkpoint)
+            if lm is not None:
+                raise ConfigError("give lm or bundle, not both")
+            from splitnet.llm.bundle import load_edge
+
+            held = load_edge(bundle, bundle_key, model=config.model, cut=config.cut,
+                             codec=config.codec)  # fmt: skip
+            lm, self.edge, self.cut = held.lm, held.edge, held.edge.cut
+        else:
+            lm = lm if lm is not None else load_lm(config.model)
+            self.cut = parse_block_cut(config.cut, lm.num_layers)
+            self.edge = EdgeHalf(lm, self.cut)  # only the edge's modules are kept
         # Only the edge's modules and the tokenizer are kept: when the model was loaded
         # here, the server's blocks are freed with ``lm``.
         self.tokenizer = lm.tokenizer

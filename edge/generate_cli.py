@@ -38,15 +38,24 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server, model and cut")
     g.add_argument("--server", required=True, help="HOST:PORT of splitnet-cloud")
     g.add_argument(
-        "--model", required=True, help="language model, as served: smollm2, hf:DIR, tiny:llama"
-    )
-    g.add_argument(
-        "--cut", default="block.1", help="block.K (the server samples) or U-shaped "
-        "block.K:block.M (default block.1); auto: planned, see the planning flags",
+        "--model", default=None, help="language model, as served: smollm2, hf:DIR, tiny:llama "
+        "(or give --bundle)",
     )  # fmt: skip
-    g.add_argument("--codec", default=None,
-                   help="hidden-state codec: raw (default), fp16, bf16, int8o[:K]; with "
-                   "--cut auto, the planner chooses among raw, fp16, int8o:8 unless given")
+    g.add_argument(
+        "--cut", default=None, help="block.K (the server samples) or U-shaped "
+        "block.K:block.M (default block.1, or the bundle's cut); auto: planned, see the "
+        "planning flags",
+    )  # fmt: skip
+    g.add_argument("--bundle", default=None, help="an edge bundle from `splitnet export`: only "
+                   "the edge half's weights and the tokenizer are here")  # fmt: skip
+    g.add_argument("--bundle-key", default=None, help="key file of an encrypted bundle "
+                   "(64 hex digits); $SPLITNET_BUNDLE_KEY otherwise")  # fmt: skip
+    g.add_argument(
+        "--codec",
+        default=None,
+        help="hidden-state codec: raw (default), fp16, bf16, int8o[:K]; with "
+        "--cut auto, the planner chooses among raw, fp16, int8o:8 unless given",
+    )
     q = p.add_argument_group("prompt and sampling")
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", default=None, help="prompt text (a chat turn when the model "
@@ -90,30 +99,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from edge.generate import GenerateConfig, Generator
 
     prompt_ids = _prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None
-    cut, codec, lm = args.cut, args.codec or "raw", None
+    model, cut, codec, key, lm = args.model, args.cut, args.codec or "raw", None, None
+    if args.bundle is not None:  # the manifest names the model and cut (and checks the key)
+        from splitnet.bundle import Bundle, read_key
+
+        if cut == "auto":
+            raise SplitNetError("--cut auto plans from the whole model: give --model, not --bundle")
+        key = read_key(args.bundle_key)
+        bundle = Bundle.open(args.bundle, key)
+        model, cut = model or bundle.model_name, cut or bundle.cut
+    elif model is None:
+        raise SplitNetError("give --model or --bundle")
+    cut = cut or "block.1"
     if cut == "auto":  # edge/generate_plan.py: time the model here, plan, print the plan
         from edge.generate_plan import choose_cut, measure_rtt_ms
         from splitnet.llm import load_lm
 
-        lm = load_lm(args.model)
+        lm = load_lm(model)
         if prompt_ids is None:
             prompt_ids = lm.encode_text(args.prompt, chat=not args.no_chat)
         rtt = args.rtt_ms
         if rtt is None:
-            probe = GenerateConfig(model=args.model, cut="block.1", token=read_token(
-                args.token_file), tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+            probe = GenerateConfig(
+                model=model,
+                cut="block.1",
+                token=read_token(args.token_file),
+                tls_ca=args.tls_ca,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+            )
             with Generator(args.server, probe, lm=lm) as gen:
                 rtt = measure_rtt_ms(gen.info)
         cut, codec, plan = choose_cut(args, lm, len(prompt_ids), rtt)
         print(plan, flush=True)
     config = GenerateConfig(
-        model=args.model, cut=cut, codec=codec, temperature=args.temperature,
+        model=model, cut=cut, codec=codec, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, chunk_tokens=args.chunk_tokens,
         stop_at_eos=not args.ignore_eos, reconnects=args.reconnects,
         token=read_token(args.token_file), tls_ca=args.tls_ca, tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )  # fmt: skip
-    with Generator(args.server, config, lm=lm) as gen:
+    with Generator(args.server, config, lm=lm, bundle=args.bundle, bundle_key=key) as gen:
         if prompt_ids is None:
             prompt_ids = gen.encode(args.prompt, chat=not args.no_chat)
         vocab = gen.vocab_size

@@ -20,9 +20,10 @@ The manifest (``format`` ``splitnet-bundle``, ``version`` 1)::
     splitnet_version
 
 ``model.kind`` and ``split.kind`` say how to rebuild the halves: ``graph`` /
-``graph-cut`` is a traced model cut after a node (``splitnet.partition``); other kinds
-(a language model's ``block-cut``) add their own fields and readers. ``fingerprint``
-is the whole model's (what requests carry, so a server with other weights still
+``graph-cut`` is a traced model cut after a node (``splitnet.partition``);
+``language-model`` / ``block-cut`` is a decoder-only model cut between blocks, with one
+part ``edge`` and the model's config instead of an input shape (``splitnet.llm.bundle``).
+``fingerprint`` is the whole model's (what requests carry, so a server with other weights still
 answers FAILED_PRECONDITION); each part has its own, checked when it is loaded.
 
 Encryption: AES-256-GCM (``cryptography``), one random 96-bit nonce per file stored
@@ -41,6 +42,7 @@ import json
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,7 @@ _NONCE = 12
 _MAGIC = b"SNB1"  # first bytes of an encrypted part
 _KEY_CHECK = b"splitnet bundle key check"
 PARTS = ("head", "tail", "whole")
+LM_KIND = "language-model"  # model.kind of a language model's bundle (splitnet.llm.bundle)
 
 
 # ------------------------------------------------------------------ keys
@@ -284,9 +287,20 @@ class Bundle:
                 f"version {VERSION} (export it again with this version)"
             )
         model = _need(doc, "model", dict, where)
-        split = _need(doc, "split", dict, where)
+        _need(doc, "split", dict, where)
         _need(model, "name", str, where)
         _need(model, "fingerprint", str, where)
+        if model.get("kind") == LM_KIND:  # a block cut: splitnet.llm.bundle reads it
+            from splitnet.llm.bundle import check_manifest
+
+            check_manifest(doc, where)
+        else:
+            cls._check_graph(doc, where)
+        return cls(path, doc, cls._check_key(doc, key, where))
+
+    @staticmethod
+    def _check_graph(doc: dict[str, Any], where: str) -> None:
+        model, split = doc["model"], doc["split"]
         shape = _need(model, "input_shape", list, where)
         if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
             raise ModelError(f"{where}: manifest input_shape {shape!r} is malformed")
@@ -302,6 +316,9 @@ class Bundle:
         parts = _need(doc, "parts", dict, where)
         if "head" not in parts:
             raise ModelError(f"{where} has no head")
+
+    @staticmethod
+    def _check_key(doc: dict[str, Any], key: bytes | None, where: str) -> bytes | None:
         encryption = doc.get("encryption")
         if encryption is not None:
             if not isinstance(encryption, dict) or encryption.get("cipher") != CIPHER:
@@ -312,7 +329,7 @@ class Bundle:
                 )
             if not hmac.compare_digest(str(encryption.get("key_check")), _key_check(key)):
                 raise ModelError(f"{where}: wrong key (it is not the key the bundle was made with)")
-        return cls(path, doc, key if encryption is not None else None)
+        return key if encryption is not None else None
 
     # ------------------------------------------------------------ fields
     @property
@@ -321,8 +338,21 @@ class Bundle:
         return str(self.manifest["model"]["name"])
 
     @property
+    def kind(self) -> str:
+        """``graph`` (a traced model cut after a node) or ``language-model`` (block cuts)."""
+        return str(self.manifest["model"].get("kind"))
+
+    def _graph_only(self) -> None:
+        if self.kind == LM_KIND:
+            raise ModelError(
+                f"bundle {str(self.path)!r} holds language model {self.model_name} cut at "
+                f"{self.cut}: run it with splitnet-edge generate --bundle"
+            )
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """The example input shape, with batch."""
+        self._graph_only()
         return tuple(self.manifest["model"]["input_shape"])
 
     @property
@@ -337,8 +367,10 @@ class Bundle:
 
     @property
     def cuts(self) -> list[str]:
-        """Every cut the bundle serves, in execution order."""
-        return [str(c) for c in self.manifest["split"]["cuts"]]
+        """Every cut the bundle serves, in execution order (a language model's: its cut;
+        ``splitnet.llm.bundle.serves`` says which others it serves).
+        """
+        return [str(c) for c in self.manifest["split"].get("cuts") or [self.cut]]
 
     @property
     def codecs(self) -> list[str]:
@@ -352,8 +384,6 @@ class Bundle:
     # ------------------------------------------------------------- parts
     def state(self, part: str) -> dict[str, torch.Tensor]:
         """The weights of ``part``, verified against the manifest (decrypted in memory)."""
-        from safetensors.torch import load
-
         where = f"bundle {str(self.path)!r}"
         entry = self.manifest["parts"].get(part)
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
@@ -370,10 +400,8 @@ class Bundle:
         elif entry.get("sha256") != hashlib.sha256(data).hexdigest():
             raise ModelError(f"{where}: {name} does not match its manifest (damaged or changed)")
         try:
-            # Own, aligned copies: views into ``data`` are unaligned, and kernels then
-            # run far slower (or copy the weights on every call).
-            state = {k: v.clone() for k, v in load(data).items()}
-        except Exception as e:  # safetensors raises several types for bad bytes
+            state = _tensors(data)
+        except ValueError as e:
             raise ModelError(f"{where}: {name} is not a safetensors file ({e})") from None
         del data
         if fingerprint(state) != entry.get("fingerprint"):
@@ -404,6 +432,7 @@ class Bundle:
         """The model built on the meta device (no weight memory) and traced with a meta
         input: its cuts, frontiers and halves, with nothing computed or allocated.
         """
+        self._graph_only()
         spec = resolve(self.model_name, self.input_shape)
         with torch.device("meta"):
             module = build(spec)
@@ -438,6 +467,56 @@ class Bundle:
                 "manifest's fingerprint"
             )
         return module
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in ``data``, each an own, aligned copy made
+    straight from ``data`` (so at most the file's bytes and the weights are held at once;
+    safetensors' ``load`` copies every tensor once more first). Views into ``data`` would
+    be unaligned, and kernels then run far slower. ValueError if the bytes are malformed.
+    """
+    if len(data) < 8:
+        raise ValueError("too short")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8 or size > 100 << 20:
+        raise ValueError("its header is larger than the file")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"its header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    body = 8 + size
+    out: dict[str, torch.Tensor] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, stop = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {key!r} is described wrongly") from None
+        length = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= start <= stop <= len(data) - body:
+            raise ValueError(f"tensor {key!r} lies outside the file")
+        if stop - start != length:
+            raise ValueError(f"tensor {key!r} has {stop - start} bytes, its shape needs {length}")
+        t = torch.empty(shape, dtype=dtype)
+        if length:
+            with warnings.catch_warnings():  # read only, and copied at once
+                warnings.simplefilter("ignore", UserWarning)
+                src = torch.frombuffer(data, dtype=torch.uint8, count=length, offset=body + start)
+            t.view(-1).view(torch.uint8).copy_(src)
+        out[key] = t
+    return out
 
 
 def materialize(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

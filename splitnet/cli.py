@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace certificates and keys already in --out"
     )
     x = sub.add_parser("export", help="write an edge bundle: only the head's weights, for a device")
-    x.add_argument("model", help="digits-cnn, torchvision:NAME or package.module:callable")
+    x.add_argument(
+        "model",
+        help="digits-cnn, torchvision:NAME, package.module:callable, or a language model "
+        "(smollm2, hf:DIR, tiny:llama) with --cut block.K or block.K:block.M",
+    )
     x.add_argument("--weights", default=None, help="the weights to export (default: the model's)")
     x.add_argument("--input-shape", type=parse_shape, default=None)
     x.add_argument(
@@ -151,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--codecs",
         type=parse_codecs,
-        default=parse_codecs("raw,zstd:1,int8+zstd:1"),
-        help="codecs the device may send (default raw,zstd:1,int8+zstd:1)",
+        default=None,
+        help="codecs the device may send (default raw,zstd:1,int8+zstd:1; for a language "
+        "model raw,fp16,bf16,int8o:4)",
     )
     x.add_argument("--force", action="store_true", help="replace a bundle already in --out")
     return p
@@ -169,13 +174,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         key = new_key(args.encrypt) if made else read_key(args.encrypt)
         if made:
             print(f"wrote a new key to {args.encrypt}: keep it off the device's disk")
+    from splitnet.llm.models import is_llm_name
+
+    if is_llm_name(args.model):
+        return _export_lm(args, key)
     m = export_bundle(
         args.model,
         args.out,
         cut=args.cut,
         weights=args.weights,
         input_shape=args.input_shape,
-        codecs=args.codecs,
+        codecs=args.codecs or parse_codecs("raw,zstd:1,int8+zstd:1"),
         tail=args.tail,
         whole=args.whole,
         key=key,
@@ -189,6 +198,32 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {m['model']['name']} up to cut {m['split']['cut']} "
         f"({len(m['split']['cuts'])} cuts), {parts}, fingerprint "
         f"{m['model']['fingerprint'][:16]}{', encrypted' if key else ''}"
+    )
+    return 0
+
+
+def _export_lm(args: argparse.Namespace, key: bytes | None) -> int:
+    """``splitnet export smollm2 --cut block.15``: the edge half of a block cut."""
+    from splitnet.llm.bundle import export_lm_bundle
+
+    for flag, given in (("--weights", args.weights), ("--input-shape", args.input_shape),
+                        ("--tail", args.tail), ("--whole", args.whole)):  # fmt: skip
+        if given:
+            raise SplitNetError(
+                f"{flag} is not for language models: the name says which weights "
+                "(hf:DIR), and a bundle holds the edge half only"
+            )
+    m = export_lm_bundle(args.model, args.out, cut=args.cut, codecs=args.codecs, key=key,
+                         force=args.force)  # fmt: skip
+    part = m["parts"]["edge"]
+    blocks = " and ".join(f"[{a}, {b})" for a, b in m["split"]["edge_blocks"] if b > a) or "none"
+    tok = m["tokenizer"]
+    print(
+        f"wrote {args.out}: {m['model']['name']} at cut {m['split']['cut']}, edge "
+        f"{part['params']:,} parameters ({part['bytes'] / 2**20:.2f} MiB; blocks {blocks} of "
+        f"{m['model']['num_layers']}), "
+        + (f"tokenizer ({len(tok['files'])} files), " if tok else "no tokenizer, ")
+        + f"fingerprint {m['model']['fingerprint'][:16]}{', encrypted' if key else ''}"
     )
     return 0
 
