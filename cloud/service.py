@@ -147,8 +147,11 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         broken: list[RequestError] = []
         # context.read(), not the iterator: grpc's iterator keeps the last message alive
         # while it waits for the next, so a stalled stream would pin a refused message.
+        # A host without read() (Ray Serve's replica context) hands over its own iterator.
+        readable = callable(getattr(context, "read", None))
+        source = _messages(context) if readable else request_iterator
         reader = asyncio.get_running_loop().create_task(
-            self._read_stream(_messages(context), self._client(context), answers, broken)
+            self._read_stream(source, self._client(context), answers, broken)
         )
         try:
             while (item := await answers.get()) is not None:
