@@ -14,9 +14,11 @@ products (likewise). So there are two levels:
 - ``train_portable`` (``splitnet train``): the same, in a child process started with
   ``PORTABLE_ENV``, which pins every choice above to the one code path every x86-64
   processor runs: plain CPU kernels, oneDNN at SSE4.1, MKL in its compatible mode.
-  This gives the same bits **on any x86-64 machine with the same torch build**; the
-  model's random initial weights are drawn in the child too, so they are covered.
-  Other torch versions and other architectures (Arm) give other bits.
+  The caller's environment (threads, kernel choices) then no longer matters, and the
+  model's random initial weights are drawn in the child too. It was meant to give the
+  same bits on any x86-64 machine with the same torch build, but two machines of this
+  workplace (both torch 2.14.1, x86-64) gave different bits, so what holds is: the same
+  bits **on the same machine and build**, whatever the caller's environment.
 """
 
 from __future__ import annotations

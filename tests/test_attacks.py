@@ -87,8 +87,10 @@ def test_1_health_watch_pins_nothing(guarded: Server, ref: Reference, figures: d
     assert fig.codes["INVALID_ARGUMENT"] == size["streams"]  # names refused, unparsed
     assert fig.notes["watches_served"] == 32  # the cap (--max-health-watches)
     assert fig.codes["held RESOURCE_EXHAUSTED"] == size["watches"] - 32
-    # gRPC receives each message whole before any handler runs; nothing more is kept.
-    assert fig.peak_growth_mib < fig.sent_mib, fig.line()
+    # gRPC receives each message whole before any handler runs, and hands it over as a
+    # Python copy: at most two copies of what was sent exist at once (how many overlap
+    # depends on scheduling), and nothing is kept (residual_mib, checked in _run).
+    assert fig.peak_growth_mib < 2 * fig.sent_mib, fig.line()
 
 
 def test_2_huge_repeated_fields_are_refused_before_parsing(
@@ -106,7 +108,7 @@ def test_3_codec_specs_are_not_cached_by_their_text(
 ) -> None:
     fig = _run("codec_specs", plain, ref, figures)
     assert fig.codes == {"INVALID_ARGUMENT": TEST_SIZES["codec_specs"]["requests"]}
-    assert fig.peak_growth_mib < fig.sent_mib, fig.line()
+    assert fig.peak_growth_mib < 2 * fig.sent_mib, fig.line()  # as in test 1
 
 
 def test_4_a_long_zstd_level_is_invalid_in_band(

@@ -43,10 +43,10 @@ def test_int8_zstd_loses_at_most_half_a_point(digits_weights: Path) -> None:
 
 # ------------------------------------------------------------------ determinism
 
-# `train_portable` of digits-cnn, 2 epochs, seed 0, torch 2.14.1 on x86-64: the same
-# bits on every such machine (splitnet/training.py says why). A different value here
-# means the README's portable-training claim no longer holds: fix that, not the number.
-PORTABLE_2_EPOCHS = "478e1dd01e19958a33b825f5f7f8e26ccfbbaea1f872b1760a0cd77473723d2c"
+# `train_portable` pins threads and kernels in a child process. A fingerprint pinned on
+# one machine of this workplace (478e1dd0..., torch 2.14.1, x86-64) was not reproduced on
+# another (1d7b0a5c...): the pins make the caller's environment irrelevant, but not the
+# processor, so the README promises the same bits on the same machine and build only.
 
 
 def test_two_trainings_in_one_process_give_the_same_bits() -> None:
@@ -70,26 +70,23 @@ def test_portable_training_ignores_the_callers_kernels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The child pins threads and kernels whatever the parent's environment says."""
-    import platform
 
-    import torch
 
     from splitnet.models import fingerprint
     from splitnet.training import TrainConfig, train_portable
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what another machine would differ in
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    monkeypatch.setenv("MKL_CBWR", "AVX2")
     epochs: list[int] = []
     out = tmp_path / "w.safetensors"
+    plain = train_portable("digits-cnn", out, TrainConfig(epochs=2))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what another caller would differ in
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
     result = train_portable(
         "digits-cnn", out, TrainConfig(epochs=2), progress=lambda e, loss: epochs.append(e)
     )
     assert epochs == [1, 2]
     assert result["fingerprint"] == fingerprint(load_model("digits-cnn", out))
-    if platform.machine() not in ("x86_64", "AMD64") or torch.__version__.split("+")[0] != "2.14.1":
-        pytest.skip("the pinned fingerprint is for torch 2.14.1 on x86-64")
-    assert result["fingerprint"] == PORTABLE_2_EPOCHS
+    assert result["fingerprint"] == plain["fingerprint"]
 
 
 def test_training_config_and_device_are_checked() -> None:
