@@ -24,11 +24,13 @@ import pytest
 
 from benchmarks.soak import Reference, Server
 from benchmarks.soak.attacks import ATTACKS, TEST_SIZES, AttackFigure
+from cloud.server import STREAM_WINDOW_BYTES
 
 TOKEN = "a-long-enough-test-token-0123456789"
 COMMENT = "    # retired 2024-05, do not use: device-17-0123456789"
 MiB = 1 << 20
 BACK_MIB = 48  # after an attack, RSS is back within this of its baseline
+ALLOCATOR_MIB = 32  # what RSS moves by with no attack buffering (the legitimate client)
 SHORT = 1024  # the longest status message an attack may get back, characters
 
 
@@ -90,7 +92,7 @@ def test_1_health_watch_pins_nothing(guarded: Server, ref: Reference, figures: d
     # gRPC receives each message whole before any handler runs, and hands it over as a
     # Python copy: at most two copies of what was sent exist at once (how many overlap
     # depends on scheduling), and nothing is kept (residual_mib, checked in _run).
-    assert fig.peak_growth_mib < 2 * fig.sent_mib, fig.line()
+    assert fig.peak_growth_mib < 2 * fig.sent_mib + ALLOCATOR_MIB, fig.line()
 
 
 def test_2_huge_repeated_fields_are_refused_before_parsing(
@@ -108,7 +110,7 @@ def test_3_codec_specs_are_not_cached_by_their_text(
 ) -> None:
     fig = _run("codec_specs", plain, ref, figures)
     assert fig.codes == {"INVALID_ARGUMENT": TEST_SIZES["codec_specs"]["requests"]}
-    assert fig.peak_growth_mib < 2 * fig.sent_mib, fig.line()  # as in test 1
+    assert fig.peak_growth_mib < 2 * fig.sent_mib + ALLOCATOR_MIB, fig.line()  # as in test 1
 
 
 def test_4_a_long_zstd_level_is_invalid_in_band(
@@ -130,8 +132,13 @@ def test_6_unauthenticated_bodies_are_never_read(
     guarded: Server, ref: Reference, figures: dict
 ) -> None:
     fig = _run("unauthenticated", guarded, ref, figures, token=TOKEN)
-    assert fig.codes == {"UNAUTHENTICATED": TEST_SIZES["unauthenticated"]["calls"]}
-    assert fig.peak_growth_mib < 0.1 * fig.sent_mib, fig.line()
+    calls = TEST_SIZES["unauthenticated"]["calls"]
+    assert fig.codes == {"UNAUTHENTICATED": calls}
+    # The refusal reads no message; what gRPC buffers before it runs is bounded by the
+    # fixed receive window of each stream, however slow the machine (BDP probing used
+    # to grow that window while a busy server got round to refusing).
+    window_mib = STREAM_WINDOW_BYTES / MiB
+    assert fig.peak_growth_mib < calls * window_mib + ALLOCATOR_MIB, fig.line()
 
 
 def test_7_tiny_chunks_cost_their_bytes(plain: Server, ref: Reference, figures: dict) -> None:
