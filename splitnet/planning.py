@@ -281,6 +281,27 @@ class Planner:
         self._basis.clear()
         self.moved = None
 
+    def unobserved_ms(self, p: Prediction) -> float:
+        """The part of prediction ``p`` that rests on priors alone: each component of
+        its cut and codec (edge, encode, decode, cloud at the current batch) with no
+        observation past a first run. What a cut never run is priced from: a profile
+        scaled by heads run elsewhere (``edge_scale``), the server's start-up table.
+        """
+
+        def doubt(seen: dict[Any, deque[float]], key: Any, ms: float) -> float:
+            return ms if len(seen.get(key, ())) < 2 else 0.0
+
+        edge = 0.0 if not self.table.learn_edge else doubt(self.edge_seen, p.cut, p.edge_ms)
+        if p.cut == OUTPUT:
+            return edge
+        pair = (p.cut, p.codec)
+        return (
+            edge
+            + doubt(self.encode_seen, pair, p.encode_ms)
+            + doubt(self.decode_seen, pair, p.decode_ms)
+            + doubt(self.cloud_seen, (p.cut, self.batch), p.cloud_ms)
+        )
+
     # ------------------------------------------------------------ predicting
     def allowed(self, cut: str, codec: str) -> bool:
         """Lossless always; lossy only where calibrated within the accuracy budget."""
