@@ -176,10 +176,11 @@ class AutoPlan:
     the schedule is deterministic) and the one after it (the first request at a cut
     pays one-time costs; the second shows its steady cost) go to one probe target
     instead of the plan: of the best all-cloud choice (cut ``input``), all on the
-    device (where the model is here) and the runner-up (the cheapest pair at another
-    cut than the plan's), the one measured longest ago (never measured first). So both
-    baselines are measured by request 17 and re-measured every few probes, and the
-    plan can never stay on a pair that measures worse than them. Probes take
+    device (where the model is here) and the runner-up (the pair at another cut than
+    the plan's whose price less its doubt is lowest: the most promising one), the one
+    sent a request longest ago (never first). So both baselines are measured by
+    request 17 and re-measured every few probes, and a plan that measures more than
+    ``SWITCH_MEASURED`` worse than a measured baseline is left at the next request. Probes take
     ``2 * floor(log2(n / 4))`` of the first ``n`` requests (8 of 100, 14 of 1000),
     each costing the difference between the probe's and the plan's latency. A target
     whose transfer alone (bytes over the learned bandwidth) would take more than
@@ -322,6 +323,12 @@ class AutoPlan:
             return statistics.median(seen) + self._link_ms(p)
         return p.total_ms + DOUBT * self.planner.unobserved_ms(p)
 
+    def _hope(self, p: Prediction) -> float:
+        """The price with the doubt taken off: what exploring a pair may find."""
+        if (p.cut, p.codec) in self.samples:
+            return self._price(p)
+        return p.total_ms - DOUBT * self.planner.unobserved_ms(p)
+
     def price(self, cut: str, codec: str) -> float:
         """What the planner expects ``(cut, codec)`` to take now, in ms: measured
         (re-priced on the current link) where it ran, else predicted with its doubt.
@@ -389,8 +396,9 @@ class AutoPlan:
     # ------------------------------------------------------------ exploring
     def probe_targets(self) -> list[tuple[str, str]]:
         """What exploration tries: the best all-cloud choice, all on the device (if
-        the model is here), the runner-up (the cheapest pair at another cut); never
-        the plan itself; the one sent a request longest ago first.
+        the model is here), the runner-up (the pair at another cut with the lowest
+        price less its doubt); never the plan itself; the one sent a request longest
+        ago first.
         """
         chosen = self._key()
         assert chosen is not None
@@ -414,10 +422,12 @@ class AutoPlan:
                 break
         if any(p.cut == OUTPUT for p in preds):
             targets.append((OUTPUT, "none"))
-        for p in preds:  # the runner-up: the cheapest real split at another cut than the plan's
-            if p.cut not in (INPUT, OUTPUT, chosen[0]):
-                targets.append((p.cut, p.codec))
-                break
+        # The runner-up: the real split at another cut than the plan's that may be the
+        # cheapest (its doubt taken off, not added: exploring is for finding out).
+        others = [p for p in preds if p.cut not in (INPUT, OUTPUT, chosen[0])]
+        if others:
+            runner_up = min(others, key=self._hope)
+            targets.append((runner_up.cut, runner_up.codec))
         targets = [k for k in targets if k != chosen]
         return sorted(targets, key=lambda k: self.last_sent.get(k, -1))
 

@@ -10,7 +10,8 @@ Every component starts from a prior and is then learned from live requests:
 * ``edge``: the device's profile (``measure_costs``), then the client's own timing of
   the head at each cut it runs. Cuts not yet run keep the profile, scaled by how much
   slower heads run between network waits than in the profiling loop (``edge_scale``;
-  ``local_scale`` for the all-on-device choice).
+  ``local_scale`` for the all-on-device choice), and never above the whole model as
+  measured here (a head is a prefix of it).
 * ``cloud``: the server's start-up profile (``GetModelInfo``), then the ``compute_ms``
   every response reports at that cut, per batch size.
 * ``encode``/``decode``: per codec, a throughput measured on two frontiers and scaled
@@ -193,7 +194,12 @@ class Planner:
     def edge_ms(self, cut: str) -> float:
         """The head at ``cut`` on this device (``output``: the whole model)."""
         scale = self.local_scale if cut == OUTPUT else self.edge_scale
-        return learned(self.table.edge_ms[cut] * scale, self.edge_seen.get(cut))
+        prior = self.table.edge_ms[cut] * scale
+        seen = self.edge_seen.get(cut)
+        if cut != OUTPUT and not seen and len(self.edge_seen.get(OUTPUT, ())) > 1:
+            # A head is a prefix of the model: never priced above the whole model here.
+            prior = min(prior, self.edge_ms(OUTPUT))
+        return learned(prior, seen)
 
     def cloud_ms(self, cut: str, batch: int | None = None) -> float:
         """The tail at ``cut`` on the server, for a batch of ``batch`` samples (default:
