@@ -204,6 +204,9 @@ class AutoPlan:
     rejected: list[tuple[int, tuple[str, str]]] = field(default_factory=list)  # went back
     trial_gap: int = 2  # requests the next switch to a pair never run waits (after a rejection)
     next_trial_at: int = 0  # request from which a pair never run may be switched to
+    # Every allowed pair's prediction, made at each re-plan (when the link or a component
+    # moved) and for the cut of each answered request: what the prices start from.
+    predictions: dict[tuple[str, str], Prediction] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -305,6 +308,8 @@ class AutoPlan:
             self.replans.append((self.requests, reason))
         self.estimator.planned()
         self.planner.planned()
+        link = self.estimator.estimate
+        self.predictions = {(p.cut, p.codec): p for p in self.planner.candidates(link)}
         return self._decide()
 
     # ------------------------------------------------------------ pricing
@@ -348,8 +353,7 @@ class AutoPlan:
     # ------------------------------------------------------------ choosing
     def _decide(self) -> Prediction:
         """The plan after one more answered request (see the class)."""
-        preds = self.planner.candidates(self.estimator.estimate)
-        priced = {(p.cut, p.codec): (self._price(p), p) for p in preds}
+        priced = {k: (self._price(p), p) for k, p in self.predictions.items()}
         current = self._key()
         if current is None or current not in priced:
             key = min(priced, key=lambda k: priced[k][0])
@@ -508,14 +512,18 @@ class AutoPlan:
         """
         self.requests += 1
         self.last_sent[key] = self.requests
-        if total_ms is None or not math.isfinite(total_ms):
-            return
+        link = self.estimator.estimate
+        for pair in self.predictions:  # this cut's components were just learned
+            if pair[0] == key[0]:
+                self.predictions[pair] = self.planner.predict(*pair, link)
         if key[0] not in self.cuts_run:  # a cold first run: one-time costs
             self.cuts_run.add(key[0])
             return
+        if total_ms is None or not math.isfinite(total_ms):
+            return
         if not self.planner.table.learn_edge:  # a stated head: what the plan would cost
             total_ms += self.planner.edge_ms(key[0]) - edge_ms
-        p = self.planner.predict(*key, self.estimator.estimate)
+        p = self.planner.predict(*key, link)
         self.samples.setdefault(key, deque(maxlen=MEASURED_WINDOW)).append(
             total_ms - self._link_ms(p)
         )

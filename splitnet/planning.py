@@ -255,7 +255,11 @@ class Planner:
                 if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05 and len(seen) > 1
             ]
             if ratios:
+                basis = self._basis.setdefault(("edge scale", None), self.edge_scale)
                 self.edge_scale = min(max(statistics.median(ratios), 0.2), 20.0)
+                hi, lo = max(basis, self.edge_scale), min(basis, self.edge_scale)
+                if hi >= REPLAN_RATIO * lo:  # it prices every head not yet run
+                    self.moved = self.moved or f"edge scale: {basis:.2f} -> {self.edge_scale:.2f}"
 
     def observe_request(
         self,
