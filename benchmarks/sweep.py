@@ -274,7 +274,10 @@ class AutoRun:
         return {
             "planner_requests": len(self.results),
             "planner_probes": len(plan.probes),
-            "planner_plans": [f"{n}: {p.cut} {p.codec}" for n, p in plan.history],
+            "planner_plans": [f"{n}: {p.cut} {p.codec}" for n, p, _ in plan.history],
+            "planner_switches": max(len(plan.history) - 1, 0),
+            "planner_why": [f"{n}: {why}" for n, _, why in plan.history],
+            "planner_rejected": [f"{n}: {c} {k}" for n, (c, k) in plan.rejected],
             "planner_replans": len(plan.replans),
             "planner_own_p50_ms": statistics.median(tail) if tail else None,
             "edge_scale": plan.planner.edge_scale,

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
@@ -42,7 +43,7 @@ from splitnet.planning import (
 from splitnet.planning import measure_costs as _measure
 from splitnet.v1 import inference_pb2 as pb
 
-__all__ = ["DEFAULT_CODECS", "AutoPlan", "calibrate_agreement"]
+__all__ = ["DEFAULT_CODECS", "AutoPlan", "PlanChange", "calibrate_agreement"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ PRIOR_MBIT = 100.0  # bandwidth assumed until requests measure it
 PROBE_FIRST = 8  # the first exploring request; then every power of two after it
 PROBE_REQUESTS = 2  # requests per probe: the first at a new cut pays one-time costs
 PROBE_LINK_FACTOR = 4.0  # no probe whose transfer alone takes this many times the plan
+MEASURED_WINDOW = 8  # steady end-to-end samples kept per (cut, codec)
+DOUBT = 0.5  # a pair never run: its components resting on priors alone, priced this much more
+SWITCH_MEASURED = 1.05  # switch to a measured pair only if this much cheaper than the plan
+SWITCH_PREDICTED = 1.10  # switch to a pair never run only if this much cheaper (with its doubt)
+TRIAL_SAMPLES = 2  # steady requests a new plan runs before it is compared with the one it replaced
 
 
 @torch.no_grad()
@@ -129,29 +135,78 @@ def is_probe_point(n: int) -> bool:
     return n >= PROBE_FIRST and n & (n - 1) == 0
 
 
+class PlanChange(NamedTuple):
+    """One change of plan: from which request, to what, and what drove it."""
+
+    request: int  # requests answered when the plan changed
+    prediction: Prediction  # the new plan and its predicted breakdown
+    why: str  # what drove it: the prices compared, and whether each was measured
+
+
+@dataclass
+class Trial:
+    """A plan just switched to, on trial against the one it replaced."""
+
+    previous: tuple[str, str]  # the plan it replaced, to go back to
+    samples: int = 0  # steady end-to-end samples of the new plan since the switch
+
+
 @dataclass
 class AutoPlan:
     """The planner state of one client.
 
+    Choosing: every (cut, codec) has a *price*. A pair this client has run is priced by
+    what it measured end to end (``measured``: the median of its last
+    ``MEASURED_WINDOW`` steady requests, each with its link share re-priced on the
+    current link estimate); a pair never run by its prediction, plus ``DOUBT`` times
+    the components of it that rest on priors alone (``Planner.unobserved_ms``: a head
+    never run, a tail the server only profiled). After every answered request the
+    cheapest price is compared with the plan's: a measured alternative must be cheaper
+    by ``SWITCH_MEASURED``, a predicted one by ``SWITCH_PREDICTED``. A switch starts a
+    trial: after ``TRIAL_SAMPLES`` steady requests at the new plan, it goes back to the
+    plan it replaced if that one measured cheaper (and the new plan keeps its
+    measurements, so it is not tried from its prediction again). After each such
+    rejection the next switch to a pair never run waits twice as long as the last
+    (``trial_gap``: 2, 4, 8, ... requests). The first request at each cut pays one-time
+    costs (a head or tail built and run cold) and is not a sample. Requests that waited
+    in a pipeline (``infer_many``) are not samples either: their time says nothing of
+    the pair alone. ``history`` says what drove each change.
+
     Exploration: request number ``n`` (8, 16, 32, ... counted in answered requests, so
     the schedule is deterministic) and the one after it (the first request at a cut
     pays one-time costs; the second shows its steady cost) go to one probe target
-    instead of the plan, in turn: the best all-cloud choice (cut ``input``), all on
-    the device (where the model is here), and the runner-up (the best split at a cut
-    other than the plan's, which also calibrates the heads not yet run). Probes take
+    instead of the plan: of the best all-cloud choice (cut ``input``), all on the
+    device (where the model is here) and the runner-up (the pair at another cut than
+    the plan's whose price less its doubt is lowest: the most promising one), the one
+    sent a request longest ago (never first). So both baselines are measured by
+    request 17 and re-measured every few probes, and a plan that measures more than
+    ``SWITCH_MEASURED`` worse than a measured baseline is left at the next request. Probes take
     ``2 * floor(log2(n / 4))`` of the first ``n`` requests (8 of 100, 14 of 1000),
     each costing the difference between the probe's and the plan's latency. A target
     whose transfer alone (bytes over the learned bandwidth) would take more than
-    ``PROBE_LINK_FACTOR`` times the plan's latency is not probed.
+    ``PROBE_LINK_FACTOR`` times the plan's latency is not probed. Trials cost at most
+    ``TRIAL_SAMPLES + 1`` requests at a worse pair each; with the doubling gap, at
+    most about ``log2(n)`` of them are rejected in ``n`` requests.
     """
 
     planner: Planner
     estimator: LinkEstimator
     prediction: Prediction | None = None
-    history: list[tuple[int, Prediction]] = field(default_factory=list)  # (request, choice)
+    history: list[PlanChange] = field(default_factory=list)
     probes: list[tuple[int, str, str]] = field(default_factory=list)  # (request, cut, codec)
     replans: list[tuple[int, str]] = field(default_factory=list)  # (request, what moved)
     requests: int = 0
+    # (cut, codec) -> steady end-to-end samples, each less its link share at the time
+    samples: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
+    last_sent: dict[tuple[str, str], int] = field(default_factory=dict)  # -> last request
+    cuts_run: set[str] = field(default_factory=set)  # cuts whose cold first request is past
+    trial: Trial | None = None
+    rejected: list[tuple[int, tuple[str, str]]] = field(default_factory=list)  # went back
+    trial_gap: int = 2  # requests the next switch to a pair never run waits (after a rejection)
+    next_trial_at: int = 0  # request from which a pair never run may be switched to
+    # Every allowed pair's prediction, made at each re-plan (when the link or a component
+    # moved) and for the cut of each answered request: what the prices start from.
+    predictions: dict[tuple[str, str], Prediction] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -246,51 +301,139 @@ class AutoPlan:
         )
 
     def replan(self, reason: str = "") -> Prediction:
-        """Choose on the current estimates; log a change."""
-        choice = self.planner.plan(self.estimator.estimate)
-        self.estimator.planned()
-        self.planner.planned()
+        """Choose on the current estimates and measurements (see the class); movement
+        of the link and the components is measured from here on.
+        """
         if reason:
             self.replans.append((self.requests, reason))
-        if self.prediction is None or (choice.cut, choice.codec) != (
-            self.prediction.cut,
-            self.prediction.codec,
-        ):
-            logger.info("plan%s: %s", f" ({reason})" if reason else "", choice.describe())
-            self.history.append((self.requests, choice))
-        self.prediction = choice
-        return choice
+        self.estimator.planned()
+        self.planner.planned()
+        link = self.estimator.estimate
+        self.predictions = {(p.cut, p.codec): p for p in self.planner.candidates(link)}
+        return self._decide()
+
+    # ------------------------------------------------------------ pricing
+    def _key(self) -> tuple[str, str] | None:
+        p = self.prediction
+        return None if p is None else (p.cut, p.codec)
+
+    @staticmethod
+    def _link_ms(p: Prediction) -> float:
+        """What the link estimate contributes to a prediction (0 all on the device)."""
+        return p.up_ms + p.rtt_ms + p.queue_ms + p.down_ms
+
+    def _price(self, p: Prediction) -> float:
+        seen = self.samples.get((p.cut, p.codec))
+        if seen:
+            return statistics.median(seen) + self._link_ms(p)
+        return p.total_ms + DOUBT * self.planner.unobserved_ms(p)
+
+    def _hope(self, p: Prediction) -> float:
+        """The price with the doubt taken off: what exploring a pair may find."""
+        if (p.cut, p.codec) in self.samples:
+            return self._price(p)
+        return p.total_ms - DOUBT * self.planner.unobserved_ms(p)
+
+    def price(self, cut: str, codec: str) -> float:
+        """What the planner expects ``(cut, codec)`` to take now, in ms: measured
+        (re-priced on the current link) where it ran, else predicted with its doubt.
+        """
+        return self._price(self.planner.predict(cut, codec, self.estimator.estimate))
+
+    def measured_ms(self, cut: str, codec: str) -> float | None:
+        """The median end-to-end time measured at ``(cut, codec)``, re-priced on the
+        current link; None where it has no steady sample.
+        """
+        return self.price(cut, codec) if (cut, codec) in self.samples else None
+
+    def _describe(self, key: tuple[str, str], ms: float) -> str:
+        what = "measured" if key in self.samples else "predicted"
+        return f"{key[0]} {key[1]} {ms:.1f} ms {what}"
+
+    # ------------------------------------------------------------ choosing
+    def _decide(self) -> Prediction:
+        """The plan after one more answered request (see the class)."""
+        priced = {k: (self._price(p), p) for k, p in self.predictions.items()}
+        current = self._key()
+        if current is None or current not in priced:
+            key = min(priced, key=lambda k: priced[k][0])
+            return self._switch(
+                key, priced[key][1], f"first plan: {self._describe(key, priced[key][0])}"
+            )
+        now = priced[current][0]
+        if self.trial is not None:
+            if self.trial.samples < TRIAL_SAMPLES:
+                self.prediction = priced[current][1]
+                return self.prediction
+            previous, self.trial = self.trial.previous, None
+            if previous in priced and priced[previous][0] < now:
+                self.rejected.append((self.requests, current))
+                self.next_trial_at = self.requests + self.trial_gap
+                self.trial_gap *= 2
+                why = (
+                    f"back: {self._describe(current, now)} after its trial, "
+                    f"{self._describe(previous, priced[previous][0])}"
+                )
+                return self._switch(previous, priced[previous][1], why, trial=False)
+        open_to_new = self.requests >= self.next_trial_at
+        best = min(
+            (k for k in priced if k in self.samples or open_to_new or k == current),
+            key=lambda k: priced[k][0],
+        )
+        margin = SWITCH_MEASURED if best in self.samples else SWITCH_PREDICTED
+        if best != current and priced[best][0] * margin < now:
+            why = f"{self._describe(best, priced[best][0])} < {self._describe(current, now)}"
+            return self._switch(best, priced[best][1], why)
+        self.prediction = priced[current][1]
+        return self.prediction
+
+    def _switch(
+        self, key: tuple[str, str], p: Prediction, why: str, trial: bool = True
+    ) -> Prediction:
+        previous = self._key()
+        self.trial = Trial(previous) if trial and previous is not None else None
+        self.prediction = p
+        self.history.append(PlanChange(self.requests, p, why))
+        logger.info("plan: %s (%s)", p.describe(), why)
+        return p
 
     # ------------------------------------------------------------ exploring
     def probe_targets(self) -> list[tuple[str, str]]:
-        """What exploration tries, in turn: the best all-cloud choice, all on the
-        device (if the model is here), the runner-up (the best split at another cut);
-        never the plan itself.
+        """What exploration tries: the best all-cloud choice, all on the device (if
+        the model is here), the runner-up (the pair at another cut with the lowest
+        price less its doubt); never the plan itself; the one sent a request longest
+        ago first.
         """
-        assert self.prediction is not None
-        chosen = (self.prediction.cut, self.prediction.codec)
+        chosen = self._key()
+        assert chosen is not None
         link = self.estimator.estimate
-        plan_ms = self.planner.predict(*chosen, link).total_ms
+        plan_ms = self.price(*chosen)
         # The transfer is what probing cannot correct (bytes are known, the bandwidth is
         # learned from every request): a target whose transfer alone dwarfs the plan is
         # not worth a request (ResNet-18's input over 0.13 Mbit/s takes 37 s).
-        preds = [
-            p
-            for p in self.planner.candidates(link)
-            if p.up_ms + p.down_ms <= PROBE_LINK_FACTOR * plan_ms
-        ]
+        preds = sorted(
+            (
+                p
+                for p in self.planner.candidates(link)
+                if p.up_ms + p.down_ms <= PROBE_LINK_FACTOR * plan_ms
+            ),
+            key=self._price,
+        )
         targets: list[tuple[str, str]] = []
-        for p in preds:  # fastest first: the first at input is the best all-cloud choice
+        for p in preds:  # cheapest first: the first at input is the best all-cloud choice
             if p.cut == INPUT:
                 targets.append((p.cut, p.codec))
                 break
         if any(p.cut == OUTPUT for p in preds):
             targets.append((OUTPUT, "none"))
-        for p in preds:  # the runner-up: the best real split at another cut than the plan's
-            if p.cut not in (INPUT, OUTPUT, chosen[0]):
-                targets.append((p.cut, p.codec))
-                break
-        return [k for k in targets if k != chosen]
+        # The runner-up: the real split at another cut than the plan's that may be the
+        # cheapest (its doubt taken off, not added: exploring is for finding out).
+        others = [p for p in preds if p.cut not in (INPUT, OUTPUT, chosen[0])]
+        if others:
+            runner_up = min(others, key=self._hope)
+            targets.append((runner_up.cut, runner_up.codec))
+        targets = [k for k in targets if k != chosen]
+        return sorted(targets, key=lambda k: self.last_sent.get(k, -1))
 
     def next_choice(self) -> tuple[str, str]:
         """(cut, codec) for the next request: the plan, or a probe on the schedule."""
@@ -301,8 +444,7 @@ class AutoPlan:
             if not (self.probes and self.probes[-1][0] == start) and n == start:
                 targets = self.probe_targets()
                 if targets:
-                    k = start.bit_length() - PROBE_FIRST.bit_length()
-                    self.probes.append((start, *targets[k % len(targets)]))
+                    self.probes.append((start, *targets[0]))
             if self.probes and self.probes[-1][0] == start:
                 return self.probes[-1][1], self.probes[-1][2]
         return self.prediction.cut, self.prediction.codec
@@ -314,8 +456,9 @@ class AutoPlan:
         """Feed one answered request (not a fallback) to the planner.
 
         Every component it measured is learned (head and encode here; decode and compute,
-        for its batch, from the server). ``link`` False: the request waited behind
-        others in a pipeline, so its time says nothing about the link.
+        for its batch, from the server), and its end-to-end time is a sample of its
+        pair. ``link`` False: the request waited behind others in a pipeline, so its
+        time says nothing about the link or the pair.
         """
         t = result.timing
         self.planner.observe_request(
@@ -327,21 +470,24 @@ class AutoPlan:
             cloud_ms=t.cloud_ms,
             batch=t.batch_size,
         )
+        key = (result.cut, result.codec)
         if not link:
-            self.requests += 1
-            return self._maybe_replan()
+            self._answered(key)
+            return self._after_request()
         # What the components do not price: the link and the fixed per-request cost.
         residual = t.total_ms - t.edge_ms - t.encode_ms - t.decode_ms - t.queue_ms
         residual -= t.server_decode_ms + t.cloud_ms
-        return self.observe(
+        self._observe_link(
             residual_ms=residual,
             bytes_up=t.bytes_sent,
             bytes_down=t.bytes_received,
             queue_ms=t.queue_ms,
             probe_rtt=probe_rtt,
         )
+        self._answered(key, t.total_ms, t.edge_ms)
+        return self._after_request()
 
-    def observe(
+    def _observe_link(
         self,
         *,
         residual_ms: float,
@@ -349,39 +495,62 @@ class AutoPlan:
         bytes_down: int,
         queue_ms: float,
         probe_rtt: Callable[[], float] | None = None,
-    ) -> Prediction:
-        """Feed one answered request's link share; probe the RTT now and then; re-plan
-        if the link or a component moved.
-        """
-        self.requests += 1
-        if probe_rtt is not None and self.requests % RTT_PROBE_EVERY == 0:
+    ) -> None:
+        """Feed one answered request's link share; probe the RTT now and then."""
+        if probe_rtt is not None and (self.requests + 1) % RTT_PROBE_EVERY == 0:
             try:
                 self.estimator.observe_rtt(probe_rtt())
             except Exception as e:  # a failed probe must not fail the request
                 logger.debug("rtt probe failed: %s", e)
         self.estimator.observe(residual_ms, bytes_up, bytes_down, queue_ms)
-        return self._maybe_replan()
 
-    def _maybe_replan(self) -> Prediction:
-        assert self.prediction is not None
+    def _answered(
+        self, key: tuple[str, str], total_ms: float | None = None, edge_ms: float = 0.0
+    ) -> None:
+        """Count one answered request at ``key``; ``total_ms`` (None: not a sample) is
+        its end-to-end time, a sample of the pair unless it ran its cut cold.
+        """
+        self.requests += 1
+        self.last_sent[key] = self.requests
+        link = self.estimator.estimate
+        for pair in self.predictions:  # this cut's components were just learned
+            if pair[0] == key[0]:
+                self.predictions[pair] = self.planner.predict(*pair, link)
+        if key[0] not in self.cuts_run:  # a cold first run: one-time costs
+            self.cuts_run.add(key[0])
+            return
+        if total_ms is None or not math.isfinite(total_ms):
+            return
+        if not self.planner.table.learn_edge:  # a stated head: what the plan would cost
+            total_ms += self.planner.edge_ms(key[0]) - edge_ms
+        p = self.planner.predict(*key, link)
+        self.samples.setdefault(key, deque(maxlen=MEASURED_WINDOW)).append(
+            total_ms - self._link_ms(p)
+        )
+        if self.trial is not None and key == self._key():
+            self.trial.samples += 1
+
+    def _after_request(self) -> Prediction:
+        """Re-plan if the link or a component moved; choose again in any case."""
         if self.estimator.should_replan():
             return self.replan("link")
         if self.planner.moved is not None:
             return self.replan(self.planner.moved)
-        return self.prediction
+        return self._decide()
 
     def observe_local(self, cut: str, edge_ms: float) -> None:
         """A request answered on the device (the plan said all-edge): learn its time;
         nothing to learn about the link.
         """
         self.planner.observe_edge(cut, edge_ms)
-        self.requests += 1
-        self._maybe_replan()
+        self._answered((cut, "none"), edge_ms, edge_ms)
+        self._after_request()
 
     def refresh(self, info: pb.ModelInfo) -> Prediction:
         """The server's table again (after a reconnect: it may have restarted, or be
         another machine): its profile is the cloud prior again, beside only the newest
-        observation of each cut, so two more observations decide; then re-plan.
+        observation of each cut, so two more observations decide; of each split pair's
+        end-to-end samples only the newest is kept. Then re-plan.
         """
         planner = self.planner
         planner.table = replace(
@@ -389,4 +558,7 @@ class AutoPlan:
         )
         for key, seen in planner.cloud_seen.items():
             planner.cloud_seen[key] = deque(list(seen)[-1:], maxlen=seen.maxlen)
+        for pair, samples in self.samples.items():
+            if pair[0] != OUTPUT:
+                self.samples[pair] = deque(list(samples)[-1:], maxlen=samples.maxlen)
         return self.replan("reconnected: server table refreshed")

@@ -295,8 +295,9 @@ def _summary(
                 "codec": p.codec,
                 "predicted_ms": p.total_ms,
                 "breakdown": p.describe(),
+                "why": why,
             }
-            for i, p in client.auto.history
+            for i, p, why in client.auto.history
         ]
         est = client.auto.estimator
         summary["link_estimate"] = {

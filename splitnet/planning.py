@@ -10,7 +10,8 @@ Every component starts from a prior and is then learned from live requests:
 * ``edge``: the device's profile (``measure_costs``), then the client's own timing of
   the head at each cut it runs. Cuts not yet run keep the profile, scaled by how much
   slower heads run between network waits than in the profiling loop (``edge_scale``;
-  ``local_scale`` for the all-on-device choice).
+  ``local_scale`` for the all-on-device choice), and never above the whole model as
+  measured here (a head is a prefix of it).
 * ``cloud``: the server's start-up profile (``GetModelInfo``), then the ``compute_ms``
   every response reports at that cut, per batch size.
 * ``encode``/``decode``: per codec, a throughput measured on two frontiers and scaled
@@ -193,7 +194,12 @@ class Planner:
     def edge_ms(self, cut: str) -> float:
         """The head at ``cut`` on this device (``output``: the whole model)."""
         scale = self.local_scale if cut == OUTPUT else self.edge_scale
-        return learned(self.table.edge_ms[cut] * scale, self.edge_seen.get(cut))
+        prior = self.table.edge_ms[cut] * scale
+        seen = self.edge_seen.get(cut)
+        if cut != OUTPUT and not seen and len(self.edge_seen.get(OUTPUT, ())) > 1:
+            # A head is a prefix of the model: never priced above the whole model here.
+            prior = min(prior, self.edge_ms(OUTPUT))
+        return learned(prior, seen)
 
     def cloud_ms(self, cut: str, batch: int | None = None) -> float:
         """The tail at ``cut`` on the server, for a batch of ``batch`` samples (default:
@@ -249,7 +255,11 @@ class Planner:
                 if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05 and len(seen) > 1
             ]
             if ratios:
+                basis = self._basis.setdefault(("edge scale", None), self.edge_scale)
                 self.edge_scale = min(max(statistics.median(ratios), 0.2), 20.0)
+                hi, lo = max(basis, self.edge_scale), min(basis, self.edge_scale)
+                if hi >= REPLAN_RATIO * lo:  # it prices every head not yet run
+                    self.moved = self.moved or f"edge scale: {basis:.2f} -> {self.edge_scale:.2f}"
 
     def observe_request(
         self,
@@ -280,6 +290,27 @@ class Planner:
         """A plan was made on the current components: movement is measured from here."""
         self._basis.clear()
         self.moved = None
+
+    def unobserved_ms(self, p: Prediction) -> float:
+        """The part of prediction ``p`` that rests on priors alone: each component of
+        its cut and codec (edge, encode, decode, cloud at the current batch) with no
+        observation past a first run. What a cut never run is priced from: a profile
+        scaled by heads run elsewhere (``edge_scale``), the server's start-up table.
+        """
+
+        def doubt(seen: dict[Any, deque[float]], key: Any, ms: float) -> float:
+            return ms if len(seen.get(key, ())) < 2 else 0.0
+
+        edge = 0.0 if not self.table.learn_edge else doubt(self.edge_seen, p.cut, p.edge_ms)
+        if p.cut == OUTPUT:
+            return edge
+        pair = (p.cut, p.codec)
+        return (
+            edge
+            + doubt(self.encode_seen, pair, p.encode_ms)
+            + doubt(self.decode_seen, pair, p.decode_ms)
+            + doubt(self.cloud_seen, (p.cut, self.batch), p.cloud_ms)
+        )
 
     # ------------------------------------------------------------ predicting
     def allowed(self, cut: str, codec: str) -> bool:
