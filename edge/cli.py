@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no C-core log lines
 
@@ -442,9 +442,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> NoReturn:
+    """The ``splitnet-edge`` command: ``main()``, then leave without interpreter teardown.
+
+    Once the output is flushed and the client closed, nothing is left to do; tearing
+    down gRPC's and torch's C++ threads at interpreter exit sometimes aborted an
+    otherwise finished run ("terminate called without an active exception", exit -6).
+    """
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()
