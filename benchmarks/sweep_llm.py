@@ -19,9 +19,8 @@ Baselines, in every link:
 
 * ``output``: all on the device, no network (the unsplit model with its KV cache here;
   the link does not apply);
-* ``block.0`` with ``raw``: all in the cloud through the real session; the edge only
-  looks up the embeddings. The protocol carries hidden states, so the uplink carries one
-  embedding per token, not a token id (4 bytes): ``bytes_up`` says what really went.
+* ``input``: all in the cloud through the real session; the edge holds no weights and
+  sends token ids, the server embeds them and answers with token ids.
 
 Output in --out: ``generation.csv``, ``generation.json`` (rows + the planner's choice
 per link) and ``generation.png`` (TTFT and tokens/s per link, cut and codec). It
@@ -45,7 +44,7 @@ import torch
 from benchmarks.link import LinkProfile, LinkRelay, load_profiles, parse_link
 from edge.generate import GenerateConfig, GenerationResult, Generator
 from splitnet.codecs import encode, parse_codec
-from splitnet.llm import LanguageModel, load_lm, parse_block_cut
+from splitnet.llm import ALL_CLOUD_CUT, LanguageModel, load_lm, parse_block_cut
 from splitnet.llm.plan import (
     ALL_EDGE,
     GenerationJob,
@@ -58,7 +57,6 @@ from splitnet.llm.plan import (
 from splitnet.planning import LinkEstimate
 
 DEFAULT_CODECS = "raw,fp16,int8o:8"
-ALL_CLOUD_CUT = "block.0"  # the cloud runs every block; the edge only embeds
 FIELDS = [
     "model", "link", "cut", "codec", "baseline", "runs", "prompt_tokens", "new_tokens",
     "ttft_ms", "tokens_per_s", "bytes_up_per_token", "bytes_down_per_token",
@@ -181,7 +179,7 @@ def sweep_link(
         row = row_from(results, model=args.model, link=link.name, cut=cut, codec=codec,
                        baseline=baseline, prompt_tokens=len(ids), new_tokens=args.new_tokens)
         row["same_tokens"] = all(r.tokens == setup.reference for r in results)
-        p = priced.get((cut, codec))
+        p = priced.get((cut, None if cut == ALL_CLOUD_CUT else codec))
         row["predicted_ttft_ms"] = p.ttft_ms if p else None
         row["predicted_tokens_per_s"] = p.tokens_per_s if p else None
         rows.append(row)
@@ -302,7 +300,7 @@ def run_llm(args: argparse.Namespace, cloud_factory: Any) -> dict[str, Any]:
         "cuts": cuts,
         "codecs": codecs,
         "edge_threads": torch.get_num_threads(),
-        "note": "edge and cloud on one machine; block.0 sends embeddings, not token ids; "
+        "note": "edge and cloud on one machine; input (all in the cloud) sends token ids; "
         "the planner's costs were measured here for both sides",
     }
     paths = write_outputs(rows, plans, Path(args.out), meta)

@@ -61,6 +61,7 @@ class ServerConfig:
     llm_kv_budget_bytes: int = 1024 * MiB  # KV cache all generation sessions may reserve
     llm_idle_s: float = 60.0  # a generation session silent this long is ended, its cache freed
     llm_max_batch: int = 8  # decode steps of concurrent sessions run as one call, at most
+    llm_inline_step_us: int = 5000  # decode steps measured faster run on the event loop (0: never)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -88,9 +89,11 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        if min(self.max_queue_delay_us, self.profile_runs, self.grace_s, self.inline_tail_us) < 0:
+        if min(self.max_queue_delay_us, self.profile_runs, self.grace_s, self.inline_tail_us,
+               self.llm_inline_step_us) < 0:  # fmt: skip
             raise ConfigError(
-                "max_queue_delay_us, profile_runs, grace_s and inline_tail_us must be >= 0"
+                "max_queue_delay_us, profile_runs, grace_s, inline_tail_us and "
+                "llm_inline_step_us must be >= 0"
             )
         if self.chunk_bytes > self.max_message_bytes // 2:
             raise ConfigError("chunk_bytes must be at most half of max_message_bytes")

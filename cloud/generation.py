@@ -5,9 +5,11 @@
 Each message states its position; the session's cache says what it must be. Decode
 steps of different sessions that are waiting together run as one batched call of their
 half (``Segment.forward_batch``: the caches are left-padded into one batch and each
-session gets its own new K/V back). Prefill chunks run alone. All compute runs on one
-worker thread, so the caches are never touched by two threads. The session's cache is
-freed when the stream ends for any reason. Protocol: proto/splitnet/v1/generation.proto.
+session gets its own new K/V back). Prefill chunks run alone. One group runs at a time,
+so a cache is never touched by two threads: on the worker thread, or, for decode groups
+measured faster than ``inline_us`` (a tiny model's step), on the event loop itself, where
+the two thread hops would cost more than the step. The session's cache is freed when the
+stream ends for any reason. Protocol: proto/splitnet/v1/generation.proto.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from splitnet.errors import CodecError, ConfigError, PartitionError
 from splitnet.llm import Sampling, next_token, parse_block_cut
 from splitnet.v1 import generation_pb2 as gpb
 from splitnet.v1 import generation_pb2_grpc as gpb_grpc
-from splitnet.v1 import tensor_pb2 as tpb
 from splitnet.wire import Unparsable
 
 __all__ = ["GENERATION_SERVICE", "GenerationService", "StepBatcher"]
@@ -57,8 +58,18 @@ class _Work:
     hidden: torch.Tensor  # [1, T, hidden], decoded
     sample: bool  # block.K: pick the next token after this message
     received: float
-    future: asyncio.Future[tuple[gpb.StepResult, float]] = field(repr=False)
+    future: asyncio.Future[tuple[gpb.GenerateResponse, float]] = field(repr=False)
     started: float = 0.0
+
+
+def _failure(error: Exception) -> RequestError:
+    """What the sessions of a failed group are told (the log has the details)."""
+    if isinstance(error, RequestError):
+        return error
+    logger.error("generation step failed", exc_info=error)
+    return RequestError(
+        grpc.StatusCode.INTERNAL, "the server failed on this step; its log has the details"
+    )
 
 
 class StepBatcher:
@@ -66,16 +77,33 @@ class StepBatcher:
     same half are one batched call.
     """
 
-    def __init__(self, max_batch_size: int, device: str = "cpu") -> None:
+    def __init__(self, max_batch_size: int, device: str = "cpu", *, inline_us: int = 0) -> None:
         self.max_batch_size = max_batch_size
         self.device = torch.device(device)
+        self.inline_us = inline_us  # decode groups measured faster than this run on the loop
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._queue: asyncio.Queue[_Work] | None = None
         self._task: asyncio.Task[None] | None = None
         self.batches: list[int] = []  # sizes of the step batches run (for tests and stats)
+        # Measured compute of a decode group, per (half, group size): microseconds, EWMA.
+        self._step_us: dict[tuple[int, int], float] = {}
+        self.inline_runs = 0  # groups run on the event loop (for tests and stats)
+        self._busy = False  # the worker loop is running groups
 
-    async def submit(self, work: _Work) -> tuple[gpb.StepResult, float]:
-        """Queue ``work``; returns its result and its encode time (ms)."""
+    async def submit(
+        self, work: _Work, *, alone: bool = False
+    ) -> tuple[gpb.GenerateResponse, float]:
+        """Queue ``work``; returns its result and its encode time (ms). ``alone``: no
+        other session is open, so there is nothing to batch it with: a cheap decode step
+        then runs at once, here, unless a group is still running or queued.
+        """
+        if alone and not self._busy and (self._queue is None or self._queue.empty()):
+            if self._inline([work]):
+                self.inline_runs += 1
+                try:
+                    return self._run([work])[0]
+                except Exception as e:
+                    raise _failure(e) from None
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -97,23 +125,25 @@ class StepBatcher:
             items = [await self._queue.get()]
             while not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            for group in self._groups(items):
-                try:
-                    results = await loop.run_in_executor(self.executor, self._run, group)
-                except Exception as e:  # an error belongs to the requests that caused it
-                    logger.exception("generation step failed")
-                    for w in group:
+            self._busy = True
+            try:
+                for group in self._groups(items):
+                    try:
+                        if self._inline(group):  # cheaper than the two thread hops it saves
+                            self.inline_runs += 1
+                            results = self._run(group)
+                        else:
+                            results = await loop.run_in_executor(self.executor, self._run, group)
+                    except Exception as e:  # an error belongs to the requests that caused it
+                        for w in group:
+                            if not w.future.done():
+                                w.future.set_exception(_failure(e))
+                        continue
+                    for w, r in zip(group, results, strict=True):
                         if not w.future.done():
-                            w.future.set_exception(
-                                e if isinstance(e, RequestError) else RequestError(
-                                    grpc.StatusCode.INTERNAL, "the server failed on this step; "
-                                    "its log has the details"
-                                )
-                            )  # fmt: skip
-                    continue
-                for w, r in zip(group, results, strict=True):
-                    if not w.future.done():
-                        w.future.set_result(r)
+                            w.future.set_result(r)
+            finally:
+                self._busy = False
 
     def _groups(self, items: list[_Work]) -> list[list[_Work]]:
         """Prefill chunks alone; single-token steps by half, up to max_batch_size each."""
@@ -132,34 +162,57 @@ class StepBatcher:
         groups.extend(steps.values())
         return groups
 
+    def _inline(self, group: list[_Work]) -> bool:
+        """Run ``group`` on the event loop? Only decode steps whose group was measured
+        under ``inline_us``; prefill chunks and anything unmeasured go to the worker.
+        """
+        if self.inline_us <= 0 or group[0].hidden.shape[1] != 1:
+            return False
+        cost = self._step_us.get((id(group[0].session.half), len(group)))
+        return cost is not None and cost < self.inline_us
+
     @torch.inference_mode()
-    def _run(self, group: list[_Work]) -> list[tuple[gpb.StepResult, float]]:
+    def _run(self, group: list[_Work]) -> list[tuple[gpb.GenerateResponse, float]]:
         start = time.perf_counter()
         for w in group:
             w.started = start
         segment = group[0].session.half.segment
-        xs = torch.cat([w.hidden for w in group]).to(self.device)
+        xs = torch.cat([w.hidden for w in group]) if len(group) > 1 else group[0].hidden
+        xs = xs.to(self.device)
         if len(group) == 1:
             out = segment(xs, group[0].session.state)
         else:
             out = segment.forward_batch(xs, [w.session.state for w in group])
             self.batches.append(len(group))
         out = out.float().cpu()
+        half = group[0].session.half
+        tokens = [  # the head's choice is compute too: sampling is part of the model's step
+            next_token(out[row, -1], w.session.sampling, w.session.length)
+            if half.returns_logits and w.sample
+            else None
+            for row, w in enumerate(group)
+        ]
         compute_ms = (time.perf_counter() - start) * 1e3
+        if xs.shape[1] == 1:
+            key = (id(half), len(group))
+            old = self._step_us.get(key)
+            us = compute_ms * 1e3
+            self._step_us[key] = us if old is None else 0.8 * old + 0.2 * us
         results = []
         for row, w in enumerate(group):
-            s = w.session
             t0 = time.perf_counter()
-            result = gpb.StepResult(length=s.length)
+            response = gpb.GenerateResponse()  # built in place: no copy when it is sent
+            result = response.result
+            result.length = w.session.length
             timing = result.timing
             timing.compute_ms = compute_ms
             timing.batch_size = len(group)
-            if s.half.returns_logits:
-                if w.sample:
-                    result.token = next_token(out[row, -1], s.sampling, s.length)
-            else:
-                result.hidden.CopyFrom(encode(out[row : row + 1].contiguous(), s.codec))
-            results.append((result, (time.perf_counter() - t0) * 1e3))
+            token = tokens[row]
+            if token is not None:
+                result.token = token
+            elif not half.returns_logits:
+                result.hidden.CopyFrom(encode(out[row : row + 1].contiguous(), w.session.codec))
+            results.append((response, (time.perf_counter() - t0) * 1e3))
         return results
 
 
@@ -173,11 +226,12 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
         *,
         max_message_bytes: int = 64 << 20,
         device: str = "cpu",
+        inline_step_us: int = 0,
     ) -> None:
         self.models = dict(models)
         self.table = table
         self.max_message_bytes = max_message_bytes
-        self.batcher = StepBatcher(table.limits.max_batch_size, device)
+        self.batcher = StepBatcher(table.limits.max_batch_size, device, inline_us=inline_step_us)
         self.codecs = accepted_codecs(llm_safe_only=True)
         self._reaper: asyncio.Task[None] | None = None
         self.sessions_opened = 0  # sessions admitted since start
@@ -289,13 +343,12 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
                     return
                 if kind == "prefill":
                     p = request.prefill
-                    result = await self._advance(session, p.position, p.hidden, received,
-                                                 prefill=True, last=p.last)  # fmt: skip
+                    response = await self._advance(session, p, received, prefill=True,
+                                                   last=p.last)  # fmt: skip
                 else:
-                    s = request.step
-                    result = await self._advance(session, s.position, s.hidden, received,
-                                                 prefill=False, last=True)  # fmt: skip
-                yield gpb.GenerateResponse(result=result)
+                    response = await self._advance(session, request.step, received,
+                                                   prefill=False, last=True)  # fmt: skip
+                yield response
         except RequestError as e:
             if session is not None:
                 self.table.end(session, reason if reason != "dropped" else "error")
@@ -328,6 +381,55 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
             )
         return self.table.open(model, cut, codec, sampling, int(o.max_tokens))
 
+    @staticmethod
+    def _hidden(s: Session, message: gpb.Prefill | gpb.DecodeStep, limit: int) -> torch.Tensor:
+        """The message's hidden states, decoded and checked: [1, T, hidden], float32."""
+        hidden_size = s.model.lm.hidden_size
+        what = "prefill chunk" if isinstance(message, gpb.Prefill) else "step"
+        if message.token_ids:
+            raise RequestError(INVALID, f"token ids in a {what} at cut {s.cut.name}: only cut "
+                               "input takes token ids; send hidden states")  # fmt: skip
+        try:
+            limits = DecodeLimits(max_rank=3, max_raw_bytes=limit * hidden_size * 8)
+            hidden = decode(message.hidden, limits=limits)
+        except CodecError as e:
+            raise RequestError(
+                INVALID, f"hidden states at position {message.position}: {e}"
+            ) from None
+        n = hidden.shape[1] if hidden.dim() == 3 else 0
+        if (
+            hidden.dim() != 3
+            or hidden.shape[0] != 1
+            or hidden.shape[2] != hidden_size
+            or not (1 <= n <= limit)
+        ):
+            raise RequestError(
+                INVALID,
+                f"hidden states of shape {list(hidden.shape)[:4]}: a {what} carries "
+                f"[1, T, {hidden_size}] with 1 <= T <= {limit}",
+            )
+        if hidden.dtype != torch.float32:
+            raise RequestError(INVALID, f"hidden states are {hidden.dtype}: send float32")
+        return hidden
+
+    @staticmethod
+    def _token_ids(s: Session, message: gpb.Prefill | gpb.DecodeStep, limit: int) -> torch.Tensor:
+        """Cut ``input``: the message's token ids as a [1, T] tensor, checked."""
+        what = "prefill chunk" if isinstance(message, gpb.Prefill) else "step"
+        if message.HasField("hidden"):
+            raise RequestError(INVALID, f"hidden states in a {what} at cut input: send "
+                               "token_ids (the server embeds them)")  # fmt: skip
+        ids = message.token_ids
+        if not 1 <= len(ids) <= limit:
+            raise RequestError(INVALID, f"{len(ids)} token ids in a {what}: it carries 1 to "
+                               f"{limit}")  # fmt: skip
+        vocab = int(s.model.lm.model.config.vocab_size)
+        tensor = torch.tensor(list(ids), dtype=torch.long)[None]
+        if int(tensor.max()) >= vocab:
+            raise RequestError(INVALID, f"token id {int(tensor.max())} in a {what}: ids are "
+                               f"below the vocabulary size {vocab}")  # fmt: skip
+        return tensor
+
     def _opened(self, s: Session) -> gpb.Opened:
         hidden = s.model.lm.hidden_size
         return gpb.Opened(
@@ -343,37 +445,22 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
     async def _advance(
         self,
         s: Session,
-        position: int,
-        wire: tpb.Tensor,
+        message: gpb.Prefill | gpb.DecodeStep,
         received: float,
         *,
         prefill: bool,
         last: bool,
-    ) -> gpb.StepResult:
+    ) -> gpb.GenerateResponse:
+        position = message.position
         hidden_size = s.model.lm.hidden_size
         limit = max_chunk_tokens(hidden_size, self.max_message_bytes) if prefill else 1
         t0 = time.perf_counter()
-        try:
-            limits = DecodeLimits(max_rank=3, max_raw_bytes=limit * hidden_size * 8)
-            hidden = decode(wire, limits=limits)
-        except CodecError as e:
-            raise RequestError(INVALID, f"hidden states at position {position}: {e}") from None
+        if s.cut.token_ids:
+            hidden = self._token_ids(s, message, limit)
+        else:
+            hidden = self._hidden(s, message, limit)
         decode_ms = (time.perf_counter() - t0) * 1e3
-        n = hidden.shape[1] if hidden.dim() == 3 else 0
-        if (
-            hidden.dim() != 3
-            or hidden.shape[0] != 1
-            or hidden.shape[2] != hidden_size
-            or not (1 <= n <= limit)
-        ):
-            raise RequestError(
-                INVALID,
-                f"hidden states of shape {list(hidden.shape)[:4]}: a "
-                f"{'prefill chunk' if prefill else 'step'} carries [1, T, {hidden_size}] with "
-                f"1 <= T <= {limit}",
-            )
-        if hidden.dtype != torch.float32:
-            raise RequestError(INVALID, f"hidden states are {hidden.dtype}: send float32")
+        n = hidden.shape[1]
         if s.last is not None and s.last[0] == position and s.last[1] == n:
             return s.last[2]  # a retried message: the same answer, nothing appended
         if position != s.length:
@@ -390,15 +477,15 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
             )
         loop = asyncio.get_running_loop()
         work = _Work(s, hidden, last, received, loop.create_future())
-        result, encode_ms = await self.batcher.submit(work)
-        result.position = position
-        t = result.timing
+        response, encode_ms = await self.batcher.submit(work, alone=len(self.table) == 1)
+        response.result.position = position
+        t = response.result.timing
         t.queue_ms = (work.started - received) * 1e3 - decode_ms
         t.decode_ms = decode_ms
         t.encode_ms = encode_ms
         t.total_ms = (time.perf_counter() - received) * 1e3
-        s.last = (position, n, result)
-        return result
+        s.last = (position, n, response)
+        return response
 
 
 def generation_handler(service: GenerationService) -> grpc.GenericRpcHandler:

@@ -375,7 +375,7 @@ async def _generation(
     )
     service = GenerationService(
         models, SessionTable(limits), max_message_bytes=config.max_message_bytes,
-        device=config.device,
+        device=config.device, inline_step_us=config.llm_inline_step_us,
     )  # fmt: skip
     return service, GENERATION_SERVICE, generation_handler(service)
 

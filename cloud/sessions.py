@@ -119,7 +119,7 @@ class Session:
     last_seen: float  # the table's clock at the last message
     state: KVState = field(default_factory=KVState)
     # The previous message's (position, tokens) and its answer, for idempotent retries.
-    last: tuple[int, int, gpb.StepResult] | None = None
+    last: tuple[int, int, gpb.GenerateResponse] | None = None
     closed: bool = False
     end_reason: str = ""  # why it was removed: "closed", "idle", "dropped"
 

@@ -436,9 +436,12 @@ class _Run:
         for start in range(0, total, limit):
             piece = everything[:, start : start + limit].contiguous()
             last = start + limit >= total
-            req = gpb.GenerateRequest(
-                prefill=gpb.Prefill(position=start, hidden=encode(piece, self.gen.codec), last=last)
-            )
+            if self.gen.cut.token_ids:  # cut input: the ids themselves
+                prefill = gpb.Prefill(position=start, token_ids=piece[0].tolist(), last=last)
+            else:
+                prefill = gpb.Prefill(position=start, hidden=encode(piece, self.gen.codec),
+                                      last=last)  # fmt: skip
+            req = gpb.GenerateRequest(prefill=prefill)
             reply = self.session.ask(req)
             self.prefill_bytes += req.ByteSize() + reply.ByteSize()
             result = self._result(reply, start)
@@ -458,8 +461,11 @@ class _Run:
     def _step(self, position: int, hidden: torch.Tensor) -> tuple[Any, dict[str, Any]]:
         assert self.session is not None
         t0 = time.perf_counter()
-        wire = encode(hidden, self.gen.codec)
-        req = gpb.GenerateRequest(step=gpb.DecodeStep(position=position, hidden=wire))
+        if self.gen.cut.token_ids:  # cut input: the id itself
+            step = gpb.DecodeStep(position=position, token_ids=hidden[0].tolist())
+        else:
+            step = gpb.DecodeStep(position=position, hidden=encode(hidden, self.gen.codec))
+        req = gpb.GenerateRequest(step=step)
         t1 = time.perf_counter()
         reply = self.session.ask(req)
         t2 = time.perf_counter()

@@ -6,9 +6,9 @@ the round trip with ``GetGenerationInfo`` calls unless ``--rtt-ms`` is given, ta
 bandwidth from ``--link-mbit``, and asks ``splitnet.llm.plan`` for the fastest layout
 that meets ``--edge-memory-mb``, ``--min-edge-blocks`` and ``--u-shaped``. The plan
 (the choice, the baselines and the faster layouts rejected, with why) is printed before
-the text. The baselines ``output`` (all on this device) and ``input`` (all in the cloud)
-cannot run through a session: when one of them wins, the fastest split layout runs and
-the plan says so.
+the text. ``input`` (all in the cloud, token ids sent) runs like any cut; ``output`` (all
+on this device) cannot run through a session: when it wins, the fastest layout that uses
+the server runs and the plan says so.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 from splitnet.errors import ConfigError
 from splitnet.llm import LanguageModel
 from splitnet.llm.plan import (
-    ALL_CLOUD,
     ALL_EDGE,
     AUTO_CODECS,
     Constraints,
@@ -83,8 +82,7 @@ def choose_cut(
                        cloud_speedup=args.cloud_speedup)
     job = GenerationJob(prompt_tokens=prompt_tokens, new_tokens=args.max_new_tokens)
     result = plan_generation(costs, job, _link(args, rtt_ms), constraints)
-    runnable = [p for p in result.candidates
-                if not p.rejected and p.cut not in (ALL_EDGE, ALL_CLOUD)]
+    runnable = [p for p in result.candidates if not p.rejected and p.cut != ALL_EDGE]
     if not runnable:
         raise ConfigError(
             "--cut auto: no split layout meets the constraints ("
@@ -92,11 +90,10 @@ def choose_cut(
             + "); relax --edge-memory-mb, --min-edge-blocks or --u-shaped"
         )
     best = runnable[0]
-    assert best.codec is not None
     text = result.describe()
-    if result.choice is not None and result.choice.cut in (ALL_EDGE, ALL_CLOUD):
-        text += (f"\n{result.choice.label} is predicted fastest, but a session needs a split: "
-                 f"running the fastest split layout, {best.label}")
+    if result.choice is not None and result.choice.cut == ALL_EDGE:
+        text += (f"\n{result.choice.label} is predicted fastest, but a session needs the "
+                 f"server: running the fastest layout that uses it, {best.label}")
     else:
         text += f"\nrunning {best.label}"
-    return best.cut, best.codec, text
+    return best.cut, best.codec or "raw", text

@@ -71,7 +71,7 @@ def small_server():
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("cut", ["block.1", "block.3", "block.1:block.3"])
+@pytest.mark.parametrize("cut", ["block.1", "block.3", "block.1:block.3", "input"])
 def test_server_generation_equals_generate(server, lms, model: str, cut: str) -> None:
     lm = lms[model]
     prompt = prompt_ids(lm.model.config.vocab_size)
@@ -148,12 +148,47 @@ def test_steps_waiting_together_run_as_one_batch(lms) -> None:
         else:
             results = [await batcher.submit(w) for w in works]
         await batcher.close()
-        return [r.token for r, _ in results], batcher.batches
+        return [r.result.token for r, _ in results], batcher.batches
 
     alone, batches_alone = asyncio.run(run(sessions_with_hidden(), together=False))
     together, batches = asyncio.run(run(sessions_with_hidden(), together=True))
     assert batches == [4] and batches_alone == []
     assert together == alone
+
+    async def twice_on_the_loop(pairs):
+        """Two rounds of the same four steps' shape: the first, unmeasured, goes to the
+        worker; the second, measured under the (huge) threshold, runs on the event loop,
+        batched the same way.
+        """
+        batcher = StepBatcher(8, inline_us=10**9)
+        loop = asyncio.get_running_loop()
+        tokens = []
+        for round_ in range(2):
+            works = [_Work(s, h, True, time.perf_counter(), loop.create_future()) for s, h in pairs]
+            results = await asyncio.gather(*(batcher.submit(w) for w in works))
+            tokens.append([r.result.token for r, _ in results])
+            assert batcher.inline_runs == round_
+            pairs = [(s, edge.front(torch.tensor([[t]]), edge.new_state().front)) for (s, _), t
+                     in zip(pairs, tokens[-1], strict=True)]  # fmt: skip
+        await batcher.close()
+        return tokens[0], batcher.batches
+
+    inline, batches = asyncio.run(twice_on_the_loop(sessions_with_hidden()))
+    assert batches == [4, 4] and inline == alone
+
+    async def alone_runs_at_once(pairs):
+        """A session alone on the server: once measured, its step runs in the caller."""
+        batcher = StepBatcher(8, inline_us=10**9)
+        loop = asyncio.get_running_loop()
+        tokens = []
+        for s, h in pairs:
+            r, _ = await batcher.submit(_Work(s, h, True, 0.0, loop.create_future()), alone=True)
+            tokens.append(r.result.token)
+        await batcher.close()
+        return tokens, batcher.inline_runs
+
+    direct, runs = asyncio.run(alone_runs_at_once(sessions_with_hidden()))
+    assert direct == alone and runs == 3  # the first one, unmeasured, went to the worker
 
 
 def test_info_reports_models_limits_capacity(small_server) -> None:
@@ -233,6 +268,19 @@ def test_each_limit_is_answered_with_its_code(small_server) -> None:
     with pytest.raises(grpc.RpcError) as e:
         RawSession(addr).ask(step=gpb.DecodeStep(position=0, hidden=hidden))
     assert code_of(e) == grpc.StatusCode.INVALID_ARGUMENT and "before open" in e.value.details()
+    # token ids go only to cut input, and only ids below the vocabulary size
+    for cut, prefill, text in (
+        ("block.1", gpb.Prefill(position=0, token_ids=[1, 2], last=True), "only cut input"),
+        ("input", gpb.Prefill(position=0, hidden=encode(torch.randn(1, 2, 64)), last=True),
+         "send token_ids"),
+        ("input", gpb.Prefill(position=0, token_ids=[1, 512], last=True), "token id 512"),
+        ("input", gpb.Prefill(position=0, last=True), "0 token ids"),
+    ):
+        y = RawSession(addr)
+        y.open(model="tiny:llama", cut=cut, max_tokens=16)
+        with pytest.raises(grpc.RpcError) as e:
+            y.ask(prefill=prefill)
+        assert code_of(e) == grpc.StatusCode.INVALID_ARGUMENT and text in e.value.details()
 
 
 def test_busy_server_fails_fast_at_open_for_the_generator(small_server) -> None:

@@ -43,7 +43,7 @@ def test_sweep_generation_on_tiny_llama(tmp_path: Path) -> None:
     assert got == [
         ("block.1", "raw", ""),
         ("block.1:block.3", "raw", ""),
-        ("block.0", "raw", "all-cloud"),
+        ("input", "raw", "all-cloud"),
         ("output", "", "all-device"),
     ]
     for r in rows:
@@ -55,6 +55,9 @@ def test_sweep_generation_on_tiny_llama(tmp_path: Path) -> None:
     assert float(split["bytes_up_per_token"]) > float(split["bytes_down_per_token"])
     assert float(u_shaped["bytes_down_per_token"]) > float(split["bytes_down_per_token"])
     assert rows[3]["bytes_per_token"] == "0"
+    # all in the cloud: token ids both ways, far fewer bytes than a hidden vector
+    assert float(rows[2]["bytes_up_per_token"]) < float(split["bytes_up_per_token"]) / 10
+    assert rows[2]["predicted_tokens_per_s"] not in ("", "None")
     data = json.loads((out / "generation.json").read_text())
     assert data["meta"]["cuts"] == ["block.1", "block.1:block.3"]
     assert len(data["rows"]) == 4

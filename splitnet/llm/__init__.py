@@ -8,11 +8,12 @@ split loop in one process.
 
 from __future__ import annotations
 
-from splitnet.llm.cuts import BlockCut, block_cuts, parse_block_cut
+from splitnet.llm.cuts import ALL_CLOUD_CUT, BlockCut, block_cuts, parse_block_cut
 from splitnet.llm.models import SMOLLM2, LanguageModel, is_llm_name, load_lm
 from splitnet.llm.sampling import Sampling, next_token
 
 __all__ = [
+    "ALL_CLOUD_CUT",
     "SMOLLM2",
     "BlockCut",
     "LanguageModel",

@@ -5,6 +5,8 @@
 ``block.K:block.M``   U-shaped: the cloud runs only blocks [K, M); the edge holds the
                       embeddings, blocks [0, K) and [M, n), the final norm and the LM head
                       (token ids never leave the device; a hidden vector comes back)
+``input``             all in the cloud: the edge holds no weights and sends token ids; the
+                      cloud embeds them and runs every block, the norm and the LM head
 
 0 <= K <= n for ``block.K``; 0 <= K < M <= n for the U-shaped form.
 """
@@ -16,8 +18,9 @@ from dataclasses import dataclass
 
 from splitnet.errors import PartitionError
 
-__all__ = ["BlockCut", "block_cuts", "parse_block_cut"]
+__all__ = ["ALL_CLOUD_CUT", "BlockCut", "block_cuts", "parse_block_cut"]
 
+ALL_CLOUD_CUT = "input"  # the cut that sends token ids: everything runs in the cloud
 _CUT_RE = re.compile(r"^block\.([0-9]{1,4})(?::block\.([0-9]{1,4}))?$")
 
 
@@ -27,10 +30,13 @@ class BlockCut:
 
     start: int  # K: the first block the cloud runs
     stop: int | None = None  # M: U-shaped, the first block back on the edge; None: block.K
+    token_ids: bool = False  # "input": token ids go up, the cloud holds the embeddings too
 
     @property
     def name(self) -> str:
         """The cut's name, as it is given on the command line."""
+        if self.token_ids:
+            return ALL_CLOUD_CUT
         if self.stop is None:
             return f"block.{self.start}"
         return f"block.{self.start}:block.{self.stop}"
@@ -70,12 +76,15 @@ def parse_block_cut(text: str, num_layers: int | None = None) -> BlockCut:
     """``"block.3"`` or ``"block.2:block.5"`` as a ``BlockCut`` (checked against the model
     when ``num_layers`` is given).
     """
+    if text.strip() == ALL_CLOUD_CUT:
+        return BlockCut(0, None, token_ids=True)
     m = _CUT_RE.match(text.strip()) if len(text) <= 64 else None
     if m is None:
         limit = "n" if num_layers is None else str(num_layers)
         raise PartitionError(
-            f"unknown cut {text[:64]!r}: a language-model cut is block.K (0 <= K <= {limit}) "
-            f"or U-shaped block.K:block.M (K < M <= {limit})"
+            f"unknown cut {text[:64]!r}: a language-model cut is block.K (0 <= K <= {limit}), "
+            f"U-shaped block.K:block.M (K < M <= {limit}), or {ALL_CLOUD_CUT} (all in the "
+            "cloud, token ids sent)"
         )
     cut = BlockCut(int(m.group(1)), None if m.group(2) is None else int(m.group(2)))
     return cut if num_layers is None else cut.check(num_layers)

@@ -261,7 +261,8 @@ class EdgeHalf(nn.Module):
         super().__init__()
         before, after = cut.edge_blocks(lm.num_layers)
         self.cut = cut
-        self.front = Segment(lm, before, embed=True)
+        # Cut "input": no embeddings either; the front passes token ids through.
+        self.front = Segment(lm, before, embed=not cut.token_ids)
         self.back = Segment(lm, after, head=True) if cut.u_shaped else None
 
     def new_state(self) -> EdgeState:
@@ -296,10 +297,12 @@ class CloudHalf(nn.Module):
     def __init__(self, lm: LanguageModel, cut: BlockCut) -> None:
         super().__init__()
         self.cut = cut
-        self.segment = Segment(lm, cut.cloud_blocks(lm.num_layers), head=not cut.u_shaped)
+        self.segment = Segment(
+            lm, cut.cloud_blocks(lm.num_layers), embed=cut.token_ids, head=not cut.u_shaped
+        )
         # block.K of a tied model: the LM head is the embedding matrix, which the edge
         # also holds; the cloud keeps its own reference (a copy once the model is gone).
-        self.tied_copy = not cut.u_shaped and lm.tied_embeddings
+        self.tied_copy = not cut.u_shaped and not cut.token_ids and lm.tied_embeddings
 
     @property
     def returns_logits(self) -> bool:

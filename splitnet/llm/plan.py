@@ -47,6 +47,7 @@ from typing import Any
 
 from splitnet.codecs import parse_codec
 from splitnet.errors import ConfigError
+from splitnet.llm.cuts import ALL_CLOUD_CUT
 from splitnet.planning import LinkEstimate
 
 __all__ = [
@@ -67,7 +68,7 @@ __all__ = [
 ]
 
 ALL_EDGE = "output"  # every block and the LM head on the device
-ALL_CLOUD = "input"  # token ids up, token ids down
+ALL_CLOUD = ALL_CLOUD_CUT  # "input": token ids up, token ids down
 MB = 1_000_000  # edge_memory_mb counts 10^6 bytes
 
 
