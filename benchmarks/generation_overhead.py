@@ -101,7 +101,7 @@ def hand_steps(
             token, compute_s = _REPLY.unpack(next(replies))
             out.append((time.perf_counter() - t0, compute_s))
         outbox.put(None)
-        replies.cancel()  # type: ignore[attr-defined]
+        replies.cancel()
     return out
 
 
