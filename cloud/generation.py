@@ -373,6 +373,12 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
             )
         except (PartitionError, CodecError, ConfigError) as e:
             raise RequestError(INVALID, str(e)) from None
+        if o.fingerprint and o.fingerprint != model.fingerprint:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {model.name!r} here has fingerprint {model.fingerprint[:16]}..., the "
+                f"client holds {o.fingerprint[:16]}...: load the same weights on both sides",
+            )
         if not codec.llm_safe:
             raise RequestError(
                 INVALID,

@@ -75,6 +75,7 @@ class ServedLM:
         self.device = device
         if device != "cpu":
             torch.nn.Module.to(lm.model, torch.device(device))
+        self.fingerprint = lm.fingerprint  # at load, so no session waits for it
         self._halves: dict[BlockCut, CloudHalf] = {}
         self._lock = threading.Lock()
 
@@ -101,6 +102,7 @@ class ServedLM:
             kv_bytes_per_token_per_layer=lm.kv_bytes_per_token(1),
             tied_embeddings=lm.tied_embeddings,
             eos_token_ids=list(lm.eos_token_ids),
+            fingerprint=self.fingerprint,
         )
 
 

@@ -214,8 +214,10 @@ class Generator:
             held = load_edge(bundle, bundle_key, model=config.model, cut=config.cut,
                              codec=config.codec)  # fmt: skip
             lm, self.edge, self.cut = held.lm, held.edge, held.edge.cut
+            self.fingerprint = held.bundle.fingerprint  # the whole model's, at export
         else:
             lm = lm if lm is not None else load_lm(config.model)
+            self.fingerprint = lm.fingerprint  # sent at open: the server refuses others
             self.cut = parse_block_cut(config.cut, lm.num_layers)
             self.edge = EdgeHalf(lm, self.cut)  # only the edge's modules are kept
         # Only the edge's modules and the tokenizer are kept: when the model was loaded
@@ -410,6 +412,7 @@ class _Run:
             model=c.model, cut=gen.cut.name, codec=str(gen.codec),
             max_tokens=len(self.prompt) + self.max_new,
             temperature=c.temperature, top_p=c.top_p, seed=c.seed,
+            fingerprint=gen.fingerprint,
         )  # fmt: skip
         reply = session.ask(gpb.GenerateRequest(open=o))
         if reply.WhichOneof("kind") != "opened":

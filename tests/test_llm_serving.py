@@ -24,7 +24,7 @@ from cloud.server import BackgroundServer  # noqa: E402
 from cloud.sessions import ServedLM, SessionLimits, SessionTable  # noqa: E402
 from edge.generate import GenerateConfig, Generator  # noqa: E402
 from splitnet.codecs import encode, parse_codec  # noqa: E402
-from splitnet.errors import ConfigError, ResourceExhaustedError  # noqa: E402
+from splitnet.errors import ConfigError, ModelMismatchError, ResourceExhaustedError  # noqa: E402
 from splitnet.llm import BlockCut, Sampling, load_lm  # noqa: E402
 from splitnet.llm.halves import EdgeHalf  # noqa: E402
 from splitnet.v1 import generation_pb2 as gpb  # noqa: E402
@@ -334,6 +334,25 @@ def test_idle_timeout_frees_the_cache(small_server) -> None:
     with pytest.raises(grpc.RpcError) as e:
         s.ask(step=gpb.DecodeStep(position=20, hidden=encode(torch.randn(1, 1, 64))))
     assert code_of(e) == grpc.StatusCode.DEADLINE_EXCEEDED and "idle" in e.value.details()
+
+
+def test_other_weights_are_refused_at_open_on_both_sides(server, lms) -> None:
+    """The session carries the edge's fingerprint: other weights under the same name are
+    FAILED_PRECONDITION at open, a ModelMismatchError for the Generator, and the server
+    publishes its own.
+    """
+    other = load_lm("tiny:llama:seed=7")  # the same architecture, other weights
+    assert other.fingerprint != lms["tiny:llama"].fingerprint
+    with Generator(server.address, GenerateConfig(model="tiny:llama"), lm=other) as g:
+        (served,) = [m for m in g.info().models if m.name == "tiny:llama"]
+        assert served.fingerprint == lms["tiny:llama"].fingerprint
+        with pytest.raises(ModelMismatchError, match="load the same weights on both sides"):
+            g.generate([1, 2, 3], 4)
+    s = RawSession(server.address)
+    with pytest.raises(grpc.RpcError) as e:
+        s.open(model="tiny:llama", cut="block.1", fingerprint="0" * 64)
+    assert code_of(e) == grpc.StatusCode.FAILED_PRECONDITION
+    s.close()
 
 
 def test_generator_config_is_checked() -> None:

@@ -17,6 +17,7 @@ without it the error says how to install it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -78,6 +79,13 @@ class LanguageModel:
     family: str  # "gpt2" or "llama" (Llama-like: Llama, Qwen2, Mistral, SmolLM2...)
     tokenizer: object | None = None  # a transformers tokenizer, when the model has one
     eos_token_ids: tuple[int, ...] = field(default=())  # generation stops at any of these
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the weights (``splitnet.models.fingerprint``), computed once."""
+        from splitnet.models import fingerprint
+
+        return fingerprint(self.model)
 
     @property
     def num_layers(self) -> int:

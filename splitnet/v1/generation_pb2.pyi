@@ -12,7 +12,7 @@ class GenerationInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerationModel(_message.Message):
-    __slots__ = ("name", "num_layers", "hidden_size", "vocab_size", "kv_bytes_per_token_per_layer", "tied_embeddings", "eos_token_ids")
+    __slots__ = ("name", "num_layers", "hidden_size", "vocab_size", "kv_bytes_per_token_per_layer", "tied_embeddings", "eos_token_ids", "fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class GenerationModel(_message.Message):
     KV_BYTES_PER_TOKEN_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     TIED_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     hidden_size: int
@@ -27,7 +28,8 @@ class GenerationModel(_message.Message):
     kv_bytes_per_token_per_layer: int
     tied_embeddings: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_token_per_layer: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_token_per_layer: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class GenerationLimits(_message.Message):
     __slots__ = ("max_sessions", "max_tokens_per_session", "kv_budget_bytes", "idle_timeout_s", "max_batch_size")
@@ -70,7 +72,7 @@ class GenerationInfo(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[GenerationModel, _Mapping]]] = ..., codecs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[GenerationLimits, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model", "cut", "codec", "max_tokens", "temperature", "top_p", "seed")
+    __slots__ = ("model", "cut", "codec", "max_tokens", "temperature", "top_p", "seed", "fingerprint")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +80,7 @@ class OpenSession(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     model: str
     cut: str
     codec: str
@@ -85,7 +88,8 @@ class OpenSession(_message.Message):
     temperature: float
     top_p: float
     seed: int
-    def __init__(self, model: _Optional[str] = ..., cut: _Optional[str] = ..., codec: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    fingerprint: str
+    def __init__(self, model: _Optional[str] = ..., cut: _Optional[str] = ..., codec: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class Prefill(_message.Message):
     __slots__ = ("position", "hidden", "last", "token_ids")
