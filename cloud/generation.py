@@ -429,7 +429,7 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
         if not 1 <= len(ids) <= limit:
             raise RequestError(INVALID, f"{len(ids)} token ids in a {what}: it carries 1 to "
                                f"{limit}")  # fmt: skip
-        vocab = int(s.model.lm.model.config.vocab_size)
+        vocab = s.model.lm.vocab_size
         tensor = torch.tensor(list(ids), dtype=torch.long)[None]
         if int(tensor.max()) >= vocab:
             raise RequestError(INVALID, f"token id {int(tensor.max())} in a {what}: ids are "

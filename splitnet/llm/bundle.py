@@ -18,8 +18,9 @@ without a checkpoint: ``architecture``, the transformers ``config`` (``to_dict()
 ``attn_implementation``, ``eos_token_ids``; and ``fingerprint``, the whole model's
 (``splitnet.models.fingerprint`` over its state dict, as the server computes it for
 graph models). A generation session sends it at open (``OpenSession.fingerprint``), so
-the server refuses a device whose bundle was exported from other weights. The part's own fingerprint is checked on every load. Tokenizer files are stored
-plain with their sha256 in the manifest (which encryption authenticates).
+the server refuses a device whose bundle was exported from other weights. The part's
+own fingerprint is checked on every load. Tokenizer files are stored plain with their
+sha256 in the manifest (which encryption authenticates).
 
 The device (``load_edge``) builds the model from the config on the meta device (no
 weight memory), assigns the bundle's tensors to the edge's modules only, and builds

@@ -100,10 +100,17 @@ class LanguageModel:
         assert isinstance(blocks, nn.ModuleList)
         return blocks
 
-    @property
+    @functools.cached_property
     def hidden_size(self) -> int:
-        """Width of the hidden state at any block cut."""
+        """Width of the hidden state at any block cut (read once: a transformers config's
+        attribute lookup costs tens of microseconds, which a decode step would pay).
+        """
         return int(self.model.config.hidden_size)
+
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """Number of token ids."""
+        return int(self.model.config.vocab_size)
 
     @property
     def tied_embeddings(self) -> bool:
