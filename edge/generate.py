@@ -223,7 +223,7 @@ class Generator:
         # Only the edge's modules and the tokenizer are kept: when the model was loaded
         # here, the server's blocks are freed with ``lm``.
         self.tokenizer = lm.tokenizer
-        self.vocab_size = int(lm.model.config.vocab_size)
+        self.vocab_size = lm.vocab_size
         self.eos = frozenset(lm.eos_token_ids) if config.stop_at_eos else frozenset()
         self.codec = parse_codec(config.codec)
         self._rng = rng or random.Random()
