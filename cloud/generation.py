@@ -261,7 +261,7 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
         """One start-up phrase per language model."""
         lim = self.table.limits
         return [
-            f"{m.name} generation ({m.lm.num_layers} blocks, cuts block.K and "
+            f"{m.name} generation ({m.lm.num_layers} blocks, cuts input, block.K and "
             f"block.K:block.M, {lim.max_sessions} sessions x {lim.max_tokens} tokens, "
             f"KV budget {lim.kv_budget_bytes >> 20} MiB)"
             for m in self.models.values()
@@ -469,9 +469,9 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
         n = hidden.shape[1]
         if s.last is not None and s.last[0] == position and s.last[1] == n:
             return s.last[2]  # a retried message: the same answer, nothing appended
-        if position != s.length:
+        if position != s.length:  # the caches disagree: the client reopens and replays
             raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.ABORTED,
                 f"position {position}, but session {s.id} holds {s.length} tokens: the next "
                 f"message must state position {s.length}",
             )

@@ -155,6 +155,7 @@ class CloudServer:
         made = cls(config, server, service, health_servicer, executor, port, scrape)
         if generation is not None:
             made.generation = generation[0]
+            service.generation_info = generation[0].info
             generation[0].start_reaper()
         return made
 

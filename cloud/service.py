@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from typing import NoReturn
 
@@ -30,6 +30,7 @@ from cloud.metrics import Metrics
 from cloud.runtime import TailRuntime
 from splitnet import __version__
 from splitnet.errors import ProtocolError
+from splitnet.v1 import generation_pb2 as gpb
 from splitnet.v1 import inference_pb2 as pb
 from splitnet.v1 import inference_pb2_grpc as pb_grpc
 from splitnet.wire import (
@@ -86,6 +87,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             name: frozenset(c.name for c in m.graph.cuts) for name, m in runtime.models.items()
         }
         self.served = 0
+        # The generation service's info (limits, capacity now), when the server runs one;
+        # GetModelInfo carries it so one call shows all the server can take.
+        self.generation_info: Callable[[], gpb.GenerationInfo] | None = None
 
     # ---------------------------------------------------------------- RPCs
     async def GetModelInfo(
@@ -117,6 +121,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         limits.chunk_idle_s = c.chunk_idle_s
         limits.max_streams_per_connection = c.max_streams_per_connection
         resp.server_version = __version__
+        if self.generation_info is not None:
+            resp.generation.CopyFrom(self.generation_info())
         return resp
 
     async def Infer(

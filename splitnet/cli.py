@@ -391,7 +391,8 @@ def _llm_cuts(args: argparse.Namespace) -> int:
     print(
         f"{args.model}: {lm.num_layers} blocks, hidden {lm.hidden_size}{tied}; block.K sends a "
         "hidden vector up and gets a token id back; bytes are one token's wire message. "
-        "U-shaped block.K:block.M also runs blocks [M, n) and the LM head on the edge."
+        "U-shaped block.K:block.M also runs blocks [M, n) and the LM head on the edge; "
+        "input runs everything in the cloud and sends token ids (no codec applies)."
     )
     header = ["cut", "edge params", "cloud params", "edge KV B/token", "cloud KV B/token",
               *[f"{c} B/token" for c in rows[0]["bytes_per_token"]]]  # fmt: skip

@@ -28,6 +28,8 @@ from splitnet.errors import ConfigError, ModelMismatchError, ResourceExhaustedEr
 from splitnet.llm import BlockCut, Sampling, load_lm  # noqa: E402
 from splitnet.llm.halves import EdgeHalf  # noqa: E402
 from splitnet.v1 import generation_pb2 as gpb  # noqa: E402
+from splitnet.v1 import inference_pb2 as pb  # noqa: E402
+from splitnet.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 MODELS = ("tiny:llama", "tiny:gpt2")
 
@@ -202,6 +204,34 @@ def test_info_reports_models_limits_capacity(small_server) -> None:
     assert "int8" not in info.codecs and "fp16" in info.codecs and "int8o:4" in info.codecs
 
 
+def test_model_info_reports_generation_capacity_now(small_server) -> None:
+    """GetModelInfo, the call every client makes first, carries the generation limits and
+    the capacity free at that moment: a session open reserves its KV and a seat.
+    """
+
+    def model_info() -> pb.ModelInfoResponse:
+        with grpc.insecure_channel(small_server.address) as channel:
+            stub = pb_grpc.SplitInferenceStub(channel)
+            return stub.GetModelInfo(pb.ModelInfoRequest())
+
+    before = model_info()
+    assert before.HasField("generation")
+    assert [m.name for m in before.generation.models] == ["tiny:llama"]
+    assert before.generation.limits.max_sessions == 2
+    assert before.generation.limits.kv_budget_bytes == 150_000
+    assert before.generation.capacity.sessions_free == 2
+    assert before.generation.capacity.kv_free_bytes == 150_000
+    s = RawSession(small_server.address)
+    try:
+        s.open(model="tiny:llama", cut="block.1", max_tokens=100)
+        during = model_info().generation.capacity
+        assert during.sessions_open == 1 and during.sessions_free == 1
+        assert during.kv_reserved_bytes == 100 * 768
+        assert during.kv_free_bytes == 150_000 - 100 * 768
+    finally:
+        s.close()
+
+
 def _prefill(session: RawSession, n: int, position: int = 0, last: bool = True) -> gpb.GenerateResponse:
     hidden = torch.randn(1, n, 64)
     return session.ask(prefill=gpb.Prefill(position=position, hidden=encode(hidden), last=last))
@@ -233,7 +263,7 @@ def test_each_limit_is_answered_with_its_code(small_server) -> None:
         d.open(model="tiny:llama", cut="block.3", max_tokens=16)
     assert code_of(e) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "all 2 generation sessions are in use" in e.value.details()
-    # positions: a mismatch is FAILED_PRECONDITION; a repeat is answered again, not appended
+    # positions: a mismatch is ABORTED; a repeat is answered again, not appended
     r1 = _prefill(a, 10)
     assert r1.result.length == 10 and r1.result.WhichOneof("output") == "token"
     hidden = encode(torch.randn(1, 1, 64))
@@ -242,7 +272,7 @@ def test_each_limit_is_answered_with_its_code(small_server) -> None:
     assert again.result.length == step.result.length == 11 and again.result.token == step.result.token
     with pytest.raises(grpc.RpcError) as e:
         a.ask(step=gpb.DecodeStep(position=13, hidden=hidden))
-    assert code_of(e) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(e) == grpc.StatusCode.ABORTED
     assert "position 13, but session" in e.value.details() and "holds 11 tokens" in e.value.details()
     # max_tokens of the session: OUT_OF_RANGE past it
     _prefill(c, 15)

@@ -5,6 +5,8 @@ own ``generate()`` token for token, in float32.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -64,6 +66,23 @@ def test_each_half_holds_only_its_weights() -> None:
         # The cloud's blocks are renumbered from 0: its cache starts at layer 0.
         idx = [m.layer_idx for m in cloud.modules() if hasattr(m, "layer_idx")]
         assert min(idx) == 0
+
+
+def test_cut_table_lists_input_first(capsys) -> None:
+    """``splitnet cuts`` lists the all-cloud cut: no edge weights, ids on the wire."""
+    from splitnet.cli import main
+
+    lm = load_lm("tiny:llama")
+    assert main(["cuts", "tiny:llama", "--codecs", "raw,fp16", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["cuts"]
+    assert [r["cut"] for r in rows] == ["input", "block.1", "block.2", "block.3"]
+    first, second = rows[0], rows[1]
+    assert first["edge_params"] == 0 and first["edge_blocks"] == 0
+    assert first["cloud_params"] == sum(p.numel() for p in lm.model.parameters())
+    assert first["cloud_kv_bytes_per_token"] == lm.kv_bytes_per_token(lm.num_layers)
+    # One token id (a few varint bytes) against a hidden vector of 64 floats.
+    assert set(first["bytes_per_token"].values()) == {4}
+    assert second["bytes_per_token"]["raw"] > 4 * lm.hidden_size
 
 
 def test_tied_embeddings() -> None:

@@ -106,6 +106,7 @@ def test_model_info(digits_server: ServerThread, digits_runtime: TailRuntime) ->
     assert list(cuts["pool1"].frontier[0].shape) == [1, 32, 4, 4]
     assert info.limits.max_batch_size == 8 and "raw" in info.codecs
     assert list(model.outputs[0].shape) == [1, 10]
+    assert not info.HasField("generation")  # no language model served here
 
 
 def test_sixteen_clients_fifty_requests(

@@ -22,42 +22,43 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from splitnet.v1 import generation_pb2 as splitnet_dot_v1_dot_generation__pb2
 from splitnet.v1 import tensor_pb2 as splitnet_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitnet/v1/inference.proto\x12\x0bsplitnet.v1\x1a\x18splitnet/v1/tensor.proto\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"L\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.splitnet.v1.DType\"\x9c\x01\n\x07\x43utInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x08\x66rontier\x18\x02 \x03(\x0b\x32\x17.splitnet.v1.TensorSpec\x12\x15\n\rfloat32_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bhead_params\x18\x04 \x01(\x04\x12\x13\n\x0btail_params\x18\x05 \x01(\x04\x12\x17\n\x0ftail_latency_ms\x18\x06 \x01(\x01\"\xae\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\"\n\x04\x63uts\x18\x04 \x03(\x0b\x32\x14.splitnet.v1.CutInfo\x12(\n\x07outputs\x18\x05 \x03(\x0b\x32\x17.splitnet.v1.TensorSpec\x12\x1b\n\x13tail_latency_method\x18\x06 \x01(\t\"\xdd\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x19\n\x11max_decoded_bytes\x18\x02 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x15\n\rmax_in_flight\x18\x05 \x01(\r\x12\x19\n\x11max_pending_bytes\x18\x06 \x01(\x04\x12\x14\n\x0c\x63hunk_idle_s\x18\x07 \x01(\x01\x12\"\n\x1amax_streams_per_connection\x18\x08 \x01(\r\"\x8e\x01\n\x11ModelInfoResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.splitnet.v1.ModelInfo\x12\x0e\n\x06\x63odecs\x18\x02 \x03(\t\x12)\n\x06limits\x18\x03 \x01(\x0b\x32\x19.splitnet.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\"\xa7\x01\n\x0cInferRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x63ut\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12%\n\x08\x66rontier\x18\x05 \x03(\x0b\x32\x13.splitnet.v1.Tensor\x12\x14\n\x0coutput_codec\x18\x06 \x01(\t\x12\x1d\n\x15\x63hunked_payload_bytes\x18\x07 \x03(\x04\"!\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"j\n\rStreamRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x19.splitnet.v1.InferRequestH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.splitnet.v1.ChunkH\x00\x42\x06\n\x04kind\"\x80\x01\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xae\x01\n\rInferResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.splitnet.v1.Tensor\x12)\n\x06timing\x18\x03 \x01(\x0b\x32\x19.splitnet.v1.ServerTiming\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.splitnet.v1.Error\x12\x1d\n\x15\x63hunked_payload_bytes\x18\x05 \x03(\x04\"m\n\x0eStreamResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1a.splitnet.v1.InferResponseH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.splitnet.v1.ChunkH\x00\x42\x06\n\x04kind2\xeb\x01\n\x0eSplitInference\x12M\n\x0cGetModelInfo\x12\x1d.splitnet.v1.ModelInfoRequest\x1a\x1e.splitnet.v1.ModelInfoResponse\x12>\n\x05Infer\x12\x19.splitnet.v1.InferRequest\x1a\x1a.splitnet.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.splitnet.v1.StreamRequest\x1a\x1b.splitnet.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitnet/v1/inference.proto\x12\x0bsplitnet.v1\x1a\x1csplitnet/v1/generation.proto\x1a\x18splitnet/v1/tensor.proto\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"L\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.splitnet.v1.DType\"\x9c\x01\n\x07\x43utInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x08\x66rontier\x18\x02 \x03(\x0b\x32\x17.splitnet.v1.TensorSpec\x12\x15\n\rfloat32_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bhead_params\x18\x04 \x01(\x04\x12\x13\n\x0btail_params\x18\x05 \x01(\x04\x12\x17\n\x0ftail_latency_ms\x18\x06 \x01(\x01\"\xae\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\"\n\x04\x63uts\x18\x04 \x03(\x0b\x32\x14.splitnet.v1.CutInfo\x12(\n\x07outputs\x18\x05 \x03(\x0b\x32\x17.splitnet.v1.TensorSpec\x12\x1b\n\x13tail_latency_method\x18\x06 \x01(\t\"\xdd\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x19\n\x11max_decoded_bytes\x18\x02 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x15\n\rmax_in_flight\x18\x05 \x01(\r\x12\x19\n\x11max_pending_bytes\x18\x06 \x01(\x04\x12\x14\n\x0c\x63hunk_idle_s\x18\x07 \x01(\x01\x12\"\n\x1amax_streams_per_connection\x18\x08 \x01(\r\"\xbf\x01\n\x11ModelInfoResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.splitnet.v1.ModelInfo\x12\x0e\n\x06\x63odecs\x18\x02 \x03(\t\x12)\n\x06limits\x18\x03 \x01(\x0b\x32\x19.splitnet.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12/\n\ngeneration\x18\x05 \x01(\x0b\x32\x1b.splitnet.v1.GenerationInfo\"\xa7\x01\n\x0cInferRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x63ut\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12%\n\x08\x66rontier\x18\x05 \x03(\x0b\x32\x13.splitnet.v1.Tensor\x12\x14\n\x0coutput_codec\x18\x06 \x01(\t\x12\x1d\n\x15\x63hunked_payload_bytes\x18\x07 \x03(\x04\"!\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"j\n\rStreamRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x19.splitnet.v1.InferRequestH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.splitnet.v1.ChunkH\x00\x42\x06\n\x04kind\"\x80\x01\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xae\x01\n\rInferResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.splitnet.v1.Tensor\x12)\n\x06timing\x18\x03 \x01(\x0b\x32\x19.splitnet.v1.ServerTiming\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.splitnet.v1.Error\x12\x1d\n\x15\x63hunked_payload_bytes\x18\x05 \x03(\x04\"m\n\x0eStreamResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1a.splitnet.v1.InferResponseH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.splitnet.v1.ChunkH\x00\x42\x06\n\x04kind2\xeb\x01\n\x0eSplitInference\x12M\n\x0cGetModelInfo\x12\x1d.splitnet.v1.ModelInfoRequest\x1a\x1e.splitnet.v1.ModelInfoResponse\x12>\n\x05Infer\x12\x19.splitnet.v1.InferRequest\x1a\x1a.splitnet.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.splitnet.v1.StreamRequest\x1a\x1b.splitnet.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitnet.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELINFOREQUEST']._serialized_start=70
-  _globals['_MODELINFOREQUEST']._serialized_end=103
-  _globals['_TENSORSPEC']._serialized_start=105
-  _globals['_TENSORSPEC']._serialized_end=181
-  _globals['_CUTINFO']._serialized_start=184
-  _globals['_CUTINFO']._serialized_end=340
-  _globals['_MODELINFO']._serialized_start=343
-  _globals['_MODELINFO']._serialized_end=517
-  _globals['_SERVERLIMITS']._serialized_start=520
-  _globals['_SERVERLIMITS']._serialized_end=741
-  _globals['_MODELINFORESPONSE']._serialized_start=744
-  _globals['_MODELINFORESPONSE']._serialized_end=886
-  _globals['_INFERREQUEST']._serialized_start=889
-  _globals['_INFERREQUEST']._serialized_end=1056
-  _globals['_CHUNK']._serialized_start=1058
-  _globals['_CHUNK']._serialized_end=1091
-  _globals['_STREAMREQUEST']._serialized_start=1093
-  _globals['_STREAMREQUEST']._serialized_end=1199
-  _globals['_SERVERTIMING']._serialized_start=1202
-  _globals['_SERVERTIMING']._serialized_end=1330
-  _globals['_ERROR']._serialized_start=1332
-  _globals['_ERROR']._serialized_end=1370
-  _globals['_INFERRESPONSE']._serialized_start=1373
-  _globals['_INFERRESPONSE']._serialized_end=1547
-  _globals['_STREAMRESPONSE']._serialized_start=1549
-  _globals['_STREAMRESPONSE']._serialized_end=1658
-  _globals['_SPLITINFERENCE']._serialized_start=1661
-  _globals['_SPLITINFERENCE']._serialized_end=1896
+  _globals['_MODELINFOREQUEST']._serialized_start=100
+  _globals['_MODELINFOREQUEST']._serialized_end=133
+  _globals['_TENSORSPEC']._serialized_start=135
+  _globals['_TENSORSPEC']._serialized_end=211
+  _globals['_CUTINFO']._serialized_start=214
+  _globals['_CUTINFO']._serialized_end=370
+  _globals['_MODELINFO']._serialized_start=373
+  _globals['_MODELINFO']._serialized_end=547
+  _globals['_SERVERLIMITS']._serialized_start=550
+  _globals['_SERVERLIMITS']._serialized_end=771
+  _globals['_MODELINFORESPONSE']._serialized_start=774
+  _globals['_MODELINFORESPONSE']._serialized_end=965
+  _globals['_INFERREQUEST']._serialized_start=968
+  _globals['_INFERREQUEST']._serialized_end=1135
+  _globals['_CHUNK']._serialized_start=1137
+  _globals['_CHUNK']._serialized_end=1170
+  _globals['_STREAMREQUEST']._serialized_start=1172
+  _globals['_STREAMREQUEST']._serialized_end=1278
+  _globals['_SERVERTIMING']._serialized_start=1281
+  _globals['_SERVERTIMING']._serialized_end=1409
+  _globals['_ERROR']._serialized_start=1411
+  _globals['_ERROR']._serialized_end=1449
+  _globals['_INFERRESPONSE']._serialized_start=1452
+  _globals['_INFERRESPONSE']._serialized_end=1626
+  _globals['_STREAMRESPONSE']._serialized_start=1628
+  _globals['_STREAMRESPONSE']._serialized_end=1737
+  _globals['_SPLITINFERENCE']._serialized_start=1740
+  _globals['_SPLITINFERENCE']._serialized_end=1975
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from splitnet.v1 import generation_pb2 as _generation_pb2
 from splitnet.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -76,16 +77,18 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_decoded_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., max_pending_bytes: _Optional[int] = ..., chunk_idle_s: _Optional[float] = ..., max_streams_per_connection: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("models", "codecs", "limits", "server_version")
+    __slots__ = ("models", "codecs", "limits", "server_version", "generation")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     codecs: _containers.RepeatedScalarFieldContainer[str]
     limits: ServerLimits
     server_version: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., codecs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    generation: _generation_pb2.GenerationInfo
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., codecs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., generation: _Optional[_Union[_generation_pb2.GenerationInfo, _Mapping]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("id", "model", "cut", "fingerprint", "frontier", "output_codec", "chunked_payload_bytes")

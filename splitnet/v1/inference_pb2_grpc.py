@@ -55,8 +55,8 @@ class SplitInferenceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetModelInfo(self, request, context):
-        """What this server serves: models, fingerprints, cuts, codecs, limits, and its
-        own per-cut tail latency at batch 1.
+        """What this server serves: models, fingerprints, cuts, codecs, limits, its own
+        per-cut tail latency at batch 1, and (when it generates) its generation capacity.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
