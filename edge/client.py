@@ -35,7 +35,7 @@ from torch import nn
 
 from edge.auto import AutoPlan
 from edge.config import EdgeConfig, EdgeOptions
-from edge.model import DeviceModel
+from edge.model import DeviceModel, SlowerDevice
 from edge.results import InferResult, Timing
 from edge.route import Route, as_stream_request
 from edge.stream import Lane, LaneBroken, StreamCall, code_name, outputs_per_sample, response_bound
@@ -133,6 +133,8 @@ class EdgeClient:
         self._max_batch = 0  # 0: no limit known
         self._response_bound = response_bound(1 << 20)
         self._lane: Lane | None = None  # the open stream ``infer`` sends on
+        # --edge-slowdown: a device that many times slower, emulated (edge/model.py)
+        self._slower = SlowerDevice(config.edge_slowdown) if config.edge_slowdown > 1 else None
         first = self.device.first_cut() if config.auto else config.cut
         self._route = self._make_route(self.device.cut(first).name, config.codec)
 
@@ -473,8 +475,8 @@ class EdgeClient:
     def _run_head(self, route: Route, x: torch.Tensor, started: float) -> Any:
         with torch.no_grad():
             frontier = route.head(x)
-        if self.config.edge_slowdown > 1:
-            self._slow_down(started)
+        if self._slower is not None:
+            self._slower.stretch(route.cut, started)
         return frontier
 
     def _finish(
@@ -595,8 +597,8 @@ class EdgeClient:
             logger.warning("cloud unreachable (%s): running %s locally", reason, self.device.name)
         started = time.perf_counter()
         out = self.device.run_whole(x)
-        if self.config.edge_slowdown > 1:
-            self._slow_down(started)
+        if self._slower is not None:
+            self._slower.stretch(OUTPUT, started)
         ms = (time.perf_counter() - started) * 1e3
         return InferResult(
             output=out,
@@ -606,10 +608,6 @@ class EdgeClient:
             fallback=reason is not None,
             prediction=self.auto.prediction if self.auto is not None else None,
         )
-
-    def _slow_down(self, started: float) -> None:
-        """Emulate a device ``edge_slowdown`` times slower than this machine."""
-        time.sleep((time.perf_counter() - started) * (self.config.edge_slowdown - 1))
 
 
 def _bundle_key(config: EdgeConfig) -> bytes | None:

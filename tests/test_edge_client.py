@@ -17,6 +17,7 @@ from cloud.config import ModelEntry, ServerConfig
 from cloud.runtime import TailRuntime
 from edge.client import EdgeClient
 from edge.config import EdgeConfig, EdgeOptions
+from edge.model import SlowerDevice
 from edge.route import Route
 from edge.transport import RetryPolicy
 from splitnet.codecs import decode, encode, encode_parts
@@ -322,3 +323,15 @@ def test_a_full_server_is_retried_with_retry_busy(
     retried = [m for m in caplog.messages if "RESOURCE_EXHAUSTED; retry" in m]
     assert any(m.startswith("Infer:") for m in retried), caplog.messages
     assert any(m.startswith("stream:") for m in retried), caplog.messages
+
+
+def test_emulated_device_stretches_steady_compute_and_pays_a_stall_once() -> None:
+    """--edge-slowdown: the stretch is the head's least recent run x (factor - 1), so a
+    one-off stall here is not multiplied; a lasting change is followed within the window.
+    """
+    slower = SlowerDevice(10.0, window=4)
+    assert [slower.steady_s("a", t) for t in (0.010, 0.030, 0.011)] == [0.010, 0.010, 0.010]
+    assert slower.steady_s("b", 0.5) == 0.5  # each head keeps its own runs
+    # The machine turns 2x slower for good: after `window` runs the old time is gone.
+    steady = [slower.steady_s("a", 0.020) for _ in range(4)]
+    assert steady == [0.010, 0.011, 0.011, 0.020]
