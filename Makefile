@@ -82,13 +82,17 @@ bench-llm-codecs: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m benchmarks.llm_codecs
 
 # Where to cut, per network: resnet18 on a device emulated 10x slower than this
-# machine, and the trained digits model, over the default link profiles.
-SWEEP_LINKS ?= CAT1,3G,4G,WiFi,5G
+# machine, and the trained digits model, over the default link profiles and two
+# mid-range links. One OpenMP thread per process: the edge, the server and the relay
+# share this machine's cores.
+SWEEP_LINKS ?= CAT1,3G,4G,WiFi,5G,10mbit/40ms,25mbit/20ms
 sweep: $(WEIGHTS)
-	$(PY) -m benchmarks.sweep --model torchvision:resnet18 --links $(SWEEP_LINKS) \
-		--codecs raw,zstd:1,int8+zstd:1 --edge-slowdown 10 --requests 4 --out out/sweep-resnet18
-	$(PY) -m benchmarks.sweep --model digits-cnn --weights $(WEIGHTS) --links $(SWEEP_LINKS) \
-		--codecs raw,zstd:1,int8+zstd:1 --edge-slowdown 10 --requests 5 --out out/sweep-digits
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m benchmarks.sweep --model torchvision:resnet18 \
+		--links $(SWEEP_LINKS) --codecs raw,zstd:1,int8+zstd:1 --edge-slowdown 10 --requests 4 \
+		--out out/sweep-resnet18
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m benchmarks.sweep --model digits-cnn \
+		--weights $(WEIGHTS) --links $(SWEEP_LINKS) --codecs raw,zstd:1,int8+zstd:1 \
+		--edge-slowdown 10 --requests 5 --out out/sweep-digits
 
 # The long reliability run: 10,000 hostile messages, 32 clients x 200 requests, SIGKILL
 # under load and a restart, auth refusals; prints a table, writes out/soak.json.

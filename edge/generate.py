@@ -164,7 +164,8 @@ class _Session:
     """One Generate stream: send a message, read its answer."""
 
     def __init__(self, call: Callable[..., Any], metadata: Any) -> None:
-        self._requests: queue.Queue[gpb.GenerateRequest | None] = queue.Queue()
+        # SimpleQueue: C-implemented, no condition variable on the per-token path
+        self._requests: queue.SimpleQueue[gpb.GenerateRequest | None] = queue.SimpleQueue()
         self._responses: Iterator[gpb.GenerateResponse] = call(
             iter(self._requests.get, None), metadata=metadata
         )
