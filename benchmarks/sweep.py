@@ -8,7 +8,8 @@ between it and a real ``EdgeClient``. For each link profile the planner predicts
 (cut, codec); the sweep measures the baselines (all on the device, all in the cloud
 with raw input, all in the cloud with losslessly compressed input), the planner's
 choice, every pair predicted within ``--factor`` of the best, and a seeded sample of
-the rest that can finish within ``--max-request-s``. Pairs only predicted are marked
+the rest that can finish within ``--max-request-s``, each with ``--requests`` requests
+spread over ``--measure-rounds`` passes through all of them. Pairs only predicted are marked
 ``measured = false`` everywhere. The planner is the real one: per link a fresh
 ``cut="auto"`` client runs ``--auto-requests`` requests (learning the link, the cloud
 compute and its own edge timings, exploring on its schedule); its choice and its
@@ -212,14 +213,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     preds, args.factor, args.sample, args.max_request_s * 1e3, args.seed
                 )
                 keys.add(chosen)
-                measured: dict[tuple[str, str], dict[str, float]] = {}
-                for cut, codec in tqdm(
-                    sorted(keys, key=lambda k: table_index(client, k)),
-                    desc=f"{link.name}",
-                    unit="pair",
-                    file=sys.stderr,
-                ):
-                    measured[(cut, codec)] = summarize(measure(client, xs, cut, codec))
+                # Each pair's requests are spread over --measure-rounds passes through
+                # all pairs, so a passing stall of this machine touches a few of a
+                # pair's samples, not all of them (one pair's head once measured slower
+                # than the whole model, which contains it).
+                order = sorted(keys, key=lambda k: table_index(client, k))
+                runs: dict[tuple[str, str], list[InferResult]] = {k: [] for k in order}
+                rounds = max(1, min(args.measure_rounds, len(xs)))
+                with tqdm(total=rounds * len(order), desc=f"{link.name}", unit="pair",
+                          file=sys.stderr) as bar:  # fmt: skip
+                    for turn in range(rounds):
+                        for cut, codec in order:
+                            runs[(cut, codec)] += measure(client, xs[turn::rounds], cut, codec)
+                            bar.update()
+                measured = {k: summarize(v) for k, v in runs.items()}
                 client.use(cut=INPUT)
                 for p in preds:
                     row: dict[str, Any] = {
@@ -456,6 +463,7 @@ def write_outputs(
         "edge_slowdown": args.edge_slowdown,
         "edge_emulated": args.edge_slowdown > 1,
         "requests_per_pair": args.requests,
+        "measure_rounds": args.measure_rounds,
         "factor": args.factor,
         "sample": args.sample,
         "codecs": args.codecs,
@@ -529,6 +537,13 @@ def main(argv: list[str] | None = None) -> int:
         help="emulate an edge device F times slower (stretches edge compute)",
     )
     p.add_argument("--requests", type=int, default=5, help="measured requests per pair")
+    p.add_argument(
+        "--measure-rounds",
+        type=int,
+        default=2,
+        help="passes through the measured pairs, each with its share of --requests "
+        "(and its own warm-up request)",
+    )
     p.add_argument(
         "--factor", type=float, default=1.5, help="measure pairs within this of the best"
     )
