@@ -73,7 +73,11 @@ def test_cut_table_lists_input_first(capsys) -> None:
     from splitnet.cli import main
 
     lm = load_lm("tiny:llama")
-    assert main(["cuts", "tiny:llama", "--codecs", "raw,fp16", "--json"]) == 0
+    grad = torch.is_grad_enabled()
+    try:
+        assert main(["cuts", "tiny:llama", "--codecs", "raw,fp16", "--json"]) == 0
+    finally:  # the CLI sets torch's global grad mode for its process; this one goes on
+        torch.set_grad_enabled(grad)
     rows = json.loads(capsys.readouterr().out)["cuts"]
     assert [r["cut"] for r in rows] == ["input", "block.1", "block.2", "block.3"]
     first, second = rows[0], rows[1]
