@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from splitnet.codecs import estimate_nbytes, parse_codec
-from splitnet.llm.cuts import BlockCut, block_cuts, parse_block_cut
+from splitnet.llm.cuts import ALL_CLOUD_CUT, BlockCut, block_cuts, parse_block_cut
 from splitnet.llm.halves import CloudHalf, EdgeHalf
 from splitnet.llm.models import LanguageModel
 from splitnet.v1 import generation_pb2 as gpb
@@ -37,7 +37,7 @@ def llm_cut_rows(
     # The largest id costs the most varint bytes: the upper bound, like int8o's.
     id_bytes = len(gpb.DecodeStep(token_ids=[max(lm.vocab_size - 1, 0)]).SerializeToString())
     rows = []
-    for cut in cuts if cuts is not None else [parse_block_cut("input"), *block_cuts(n)]:
+    for cut in cuts if cuts is not None else [parse_block_cut(ALL_CLOUD_CUT), *block_cuts(n)]:
         edge, cloud = EdgeHalf(lm, cut), CloudHalf(lm, cut)
         front, back = cut.edge_blocks(n)
         rows.append(
