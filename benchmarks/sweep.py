@@ -289,6 +289,7 @@ class AutoRun:
             "planner_own_p50_ms": statistics.median(tail) if tail else None,
             "edge_scale": plan.planner.edge_scale,
             "local_scale": plan.planner.local_scale,
+            "cloud_scale": plan.planner.cloud_scale,
             "link_estimate": asdict(plan.estimator.estimate),
         }
 
@@ -396,10 +397,9 @@ def prediction_errors(rows: list[dict[str, Any]], link: str) -> dict[str, Any]:
     """Prediction error of every measured pair on ``link``, and their median and maximum.
 
     The error of a pair is (predicted - measured p50) / measured p50; the median and
-    maximum are of its absolute value, over every measured pair but the calibration
-    pairs (their predictions are fitted to those very measurements). Baselines are
-    pairs like any other: all in the cloud is scored; all on the device calibrates the
-    edge side, so it is listed with its (fitted) error but not scored.
+    maximum are of its absolute value, over every measured pair, baselines included
+    (a row marked ``calibration``, whose prediction was fitted to that very
+    measurement, would be listed but not scored; the planner fits none today).
     """
     pairs = [
         {

@@ -25,7 +25,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields, replace
 from typing import Any, Unpack
 
@@ -134,7 +134,7 @@ class EdgeClient:
         self._response_bound = response_bound(1 << 20)
         self._lane: Lane | None = None  # the open stream ``infer`` sends on
         # --edge-slowdown: a device that many times slower, emulated (edge/model.py)
-        self._slower = SlowerDevice(config.edge_slowdown) if config.edge_slowdown > 1 else None
+        self._slower = SlowerDevice.of(config.edge_slowdown) if config.edge_slowdown > 1 else None
         first = self.device.first_cut() if config.auto else config.cut
         self._route = self._make_route(self.device.cut(first).name, config.codec)
 
@@ -195,6 +195,7 @@ class EdgeClient:
         return self.transport.lb_policy
 
     def _make_route(self, cut: str, codec: str) -> Route:
+        self._calibrate(cut, self.device.head(cut))
         return Route.build(
             model=self.device.name,
             cut=cut,
@@ -472,11 +473,33 @@ class EdgeClient:
             self._lane = None
         lane.close()
 
+    def _device_key(self, cut: str) -> str:
+        """The emulated device's name for a head: model, input shape and cut (the
+        process's clients share one device).
+        """
+        return f"{self.device.name}{list(self.device.input_shape)}:{cut}"
+
+    def _calibrate(self, cut: str, run: Callable[[torch.Tensor], Any]) -> None:
+        """--edge-slowdown: time the head's warm compute once, when it is first taken,
+        outside any request's timing.
+        """
+        slower = self._slower
+        if slower is not None and slower.warm_s(self._device_key(cut)) is None:
+            x = sample_input(self.device.input_shape)
+            with torch.no_grad():
+                slower.calibrate(self._device_key(cut), lambda: run(x))
+
+    def _stretch(self, cut: str, started: float) -> None:
+        """--edge-slowdown: make the run begun at ``started`` take the emulated device's
+        time.
+        """
+        if self._slower is not None:
+            self._slower.stretch(self._device_key(cut), started)
+
     def _run_head(self, route: Route, x: torch.Tensor, started: float) -> Any:
         with torch.no_grad():
             frontier = route.head(x)
-        if self._slower is not None:
-            self._slower.stretch(route.cut, started)
+        self._stretch(route.cut, started)
         return frontier
 
     def _finish(
@@ -595,10 +618,10 @@ class EdgeClient:
         """The whole model on the device: planned (``reason`` None) or a fallback."""
         if reason is not None:
             logger.warning("cloud unreachable (%s): running %s locally", reason, self.device.name)
+        self._calibrate(OUTPUT, self.device.run_whole)
         started = time.perf_counter()
         out = self.device.run_whole(x)
-        if self._slower is not None:
-            self._slower.stretch(OUTPUT, started)
+        self._stretch(OUTPUT, started)
         ms = (time.perf_counter() - started) * 1e3
         return InferResult(
             output=out,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,33 +162,79 @@ class DeviceModel:
 class SlowerDevice:
     """Emulates a device ``factor`` times slower than this machine (``--edge-slowdown``).
 
-    After each run of a head (or of the whole model), ``stretch`` sleeps for
-    ``factor - 1`` times that head's steady compute here: the least of its last
-    ``window`` runs. Whatever a run takes over its steady time (a cold cache, a core
-    waking after the idle wait for the network) is paid once, as a real slow device
-    pays it, instead of being multiplied by the factor. On this 2-core machine
-    resnet18 runs in 43-44 ms back to back but in 44-60 ms after a 400 ms idle wait;
-    multiplied by 10, that stall alone put 10-20% of noise on every emulated time.
-    A lasting change of this machine's speed reaches the emulated device within
-    ``window`` runs.
+    A head's (or the whole model's) time on the emulated device is its run here plus
+    ``factor - 1`` times its *warm* compute here: the least of ``runs`` back-to-back
+    runs, timed once when the client first takes the head (``calibrate``). So the
+    emulated device has a speed of its own, as a real one does:
+
+    * Whatever a run takes over its warm time (a cold cache, a core waking after the
+      idle wait for the network) is paid once, as a real slow device pays it, instead
+      of being multiplied by the factor. On this 2-core machine resnet18 runs in
+      43-44 ms back to back but in 44-60 ms after a 400 ms idle wait; multiplied by
+      10, that stall alone put 10-20% of noise on every emulated time.
+    * A drift of this shared host's speed reaches the emulated device only through
+      the real run, 1/factor of its time. When the stretch followed the host, two
+      clients measuring the same all-on-device pair a minute apart differed by 13%,
+      and a head measured slower than the whole model that contains it.
+
+    One process is one device: ``SlowerDevice.of(factor)`` is shared by every client
+    of the process. A head is named by its model, input shape and cut. A head never
+    calibrated is stretched by its own run.
     """
 
-    def __init__(self, factor: float, window: int = 8) -> None:
+    _devices: dict[float, SlowerDevice] = {}
+    _devices_lock = threading.Lock()
+
+    def __init__(
+        self,
+        factor: float,
+        runs: int = 5,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.factor = factor
-        self.window = window
-        self._runs: dict[str, deque[float]] = {}
+        self.runs = runs
+        self.clock = clock
+        self.sleep = sleep
+        self._warm: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def steady_s(self, key: str, elapsed_s: float) -> float:
-        """Record a run of ``key`` that took ``elapsed_s``; its steady compute now."""
+    @classmethod
+    def of(cls, factor: float) -> SlowerDevice:
+        """This process's emulated device ``factor`` times slower."""
+        with cls._devices_lock:
+            device = cls._devices.get(factor)
+            if device is None:
+                device = cls._devices[factor] = cls(factor)
+            return device
+
+    def warm_s(self, key: str) -> float | None:
+        """The warm compute of ``key`` here (None: not calibrated)."""
+        return self._warm.get(key)
+
+    def calibrate(self, key: str, run: Callable[[], object]) -> float:
+        """Time ``run`` back to back (one warm-up, then ``runs``); keep the least as the
+        warm compute of ``key``. Once per key: later calls return the kept figure.
+        """
         with self._lock:
-            runs = self._runs.setdefault(key, deque(maxlen=self.window))
-            runs.append(elapsed_s)
-            return min(runs)
+            known = self._warm.get(key)
+            if known is not None:
+                return known
+            run()
+            times = []
+            for _ in range(self.runs):
+                t0 = self.clock()
+                run()
+                times.append(self.clock() - t0)
+            self._warm[key] = warm = min(times)
+            return warm
 
     def stretch(self, key: str, started: float) -> None:
-        """Sleep so that the run of ``key`` begun at ``started`` (``perf_counter``)
-        takes what it would on the slower device.
+        """Sleep so that the run of ``key`` begun at ``started`` (``clock``) takes what
+        it would on the slower device.
         """
-        steady = self.steady_s(key, time.perf_counter() - started)
-        time.sleep(steady * (self.factor - 1))
+        warm = self._warm.get(key)
+        if warm is None:
+            warm = self.clock() - started
+        self.sleep(warm * (self.factor - 1))

@@ -13,7 +13,9 @@ Every component starts from a prior and is then learned from live requests:
   ``local_scale`` for the all-on-device choice), and never above the whole model as
   measured here (a head is a prefix of it).
 * ``cloud``: the server's start-up profile (``GetModelInfo``), then the ``compute_ms``
-  every response reports at that cut, per batch size.
+  every response reports at that cut, per batch size. Cuts not yet served keep the
+  profile, scaled by how much slower tails served run than the profile's back-to-back
+  runs (``cloud_scale``, the median over the cuts served, within 0.25-4x).
 * ``encode``/``decode``: per codec, a throughput measured on two frontiers and scaled
   to each cut's size, then the client's encode timing and the server's ``decode_ms``.
 * ``bytes``: ``splitnet.codecs.estimate_nbytes`` on each cut's frontier (no encoding).
@@ -149,6 +151,7 @@ WINDOW = 16  # observations a learned component keeps
 TRUST_AFTER = 3  # observations after which the prior no longer counts
 REPLAN_RATIO = 1.25  # re-plan when a learned component moves by this factor...
 REPLAN_FLOOR_MS = 0.5  # ...and by at least this much
+SCALE_FLOOR_MS = 1.0  # tails profiled shorter say nothing about the server's scale
 
 
 def learned(prior: float, samples: Sequence[float] | None, trust_after: int = TRUST_AFTER) -> float:
@@ -181,6 +184,11 @@ class Planner:
         # for heads of split requests, ``local_scale`` for the all-on-device choice.
         self.edge_scale = 1.0
         self.local_scale = 1.0
+        # Measured tail compute / the server's profile, over the cuts served twice or
+        # more: the prior of cuts not yet served. The profile runs tails back to back,
+        # warm; a request's tail runs after the idle wait for the network, and on this
+        # 2-core machine resnet18's tails took 1.4-3x their profile when served.
+        self.cloud_scale = 1.0
         self.batch = 1  # the server batch requests are predicted to meet (the last seen)
         self.edge_seen: dict[str, deque[float]] = {}  # cut -> head times measured here
         self.cloud_seen: dict[tuple[str, int], deque[float]] = {}  # (cut, batch) -> compute
@@ -207,7 +215,7 @@ class Planner:
         profile (batch 1) times the batch: an upper bound, as batching only saves.
         """
         b = self.batch if batch is None else batch
-        prior = self.table.cloud_ms.get(cut, 0.0) * b
+        prior = self.table.cloud_ms.get(cut, 0.0) * b * self.cloud_scale
         return learned(prior, self.cloud_seen.get((cut, b)))
 
     def encode_ms(self, cut: str, codec: str) -> float:
@@ -278,6 +286,7 @@ class Planner:
         self.observe_edge(cut, edge_ms)
         b = max(int(batch), 1)
         self._add("cloud", self.cloud_seen, (cut, b), cloud_ms, lambda: self.cloud_ms(cut, b))
+        self._learn_cloud_scale()
         if b != self.batch:
             self.moved = self.moved or f"server batch {self.batch} -> {b}"
             self.batch = b
@@ -285,6 +294,24 @@ class Planner:
             pair = (cut, codec)
             self._add("encode", self.encode_seen, pair, encode_ms, lambda: self.encode_ms(*pair))
             self._add("decode", self.decode_seen, pair, decode_ms, lambda: self.decode_ms(*pair))
+
+    def _learn_cloud_scale(self) -> None:
+        """The median over the (cut, batch) served twice or more of (their median, the
+        first left out) / (profile x batch); tails profiled under ``SCALE_FLOOR_MS`` are
+        too short to say anything.
+        """
+        ratios = [
+            statistics.median(list(seen)[1:]) / (self.table.cloud_ms[c] * b)
+            for (c, b), seen in self.cloud_seen.items()
+            if len(seen) > 1 and self.table.cloud_ms.get(c, 0.0) * b >= SCALE_FLOOR_MS
+        ]
+        if not ratios:
+            return
+        basis = self._basis.setdefault(("cloud scale", None), self.cloud_scale)
+        self.cloud_scale = min(max(statistics.median(ratios), 0.25), 4.0)
+        hi, lo = max(basis, self.cloud_scale), min(basis, self.cloud_scale)
+        if hi >= REPLAN_RATIO * lo:  # it prices every cut not yet served
+            self.moved = self.moved or f"cloud scale: {basis:.2f} -> {self.cloud_scale:.2f}"
 
     def planned(self) -> None:
         """A plan was made on the current components: movement is measured from here."""
@@ -587,6 +614,24 @@ class LinkEstimator:
             or moved(p.rtt_ms, self.rtt_ms, 1.0)
             or moved(p.queue_ms, self.queue_ms, 1.0)
         )
+
+    def _learn_cloud_scale(self) -> None:
+        """The median over the (cut, batch) served twice or more of (their median, the
+        first left out) / (profile x batch); tails profiled under ``SCALE_FLOOR_MS`` are
+        too short to say anything.
+        """
+        ratios = [
+            statistics.median(list(seen)[1:]) / (self.table.cloud_ms[c] * b)
+            for (c, b), seen in self.cloud_seen.items()
+            if len(seen) > 1 and self.table.cloud_ms.get(c, 0.0) * b >= SCALE_FLOOR_MS
+        ]
+        if not ratios:
+            return
+        basis = self._basis.setdefault(("cloud scale", None), self.cloud_scale)
+        self.cloud_scale = min(max(statistics.median(ratios), 0.25), 4.0)
+        hi, lo = max(basis, self.cloud_scale), min(basis, self.cloud_scale)
+        if hi >= REPLAN_RATIO * lo:  # it prices every cut not yet served
+            self.moved = self.moved or f"cloud scale: {basis:.2f} -> {self.cloud_scale:.2f}"
 
     def planned(self) -> None:
         """Record that a plan was made on the current estimate."""

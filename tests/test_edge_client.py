@@ -325,13 +325,31 @@ def test_a_full_server_is_retried_with_retry_busy(
     assert any(m.startswith("stream:") for m in retried), caplog.messages
 
 
-def test_emulated_device_stretches_steady_compute_and_pays_a_stall_once() -> None:
-    """--edge-slowdown: the stretch is the head's least recent run x (factor - 1), so a
-    one-off stall here is not multiplied; a lasting change is followed within the window.
+def test_emulated_device_stretches_warm_compute_and_pays_a_stall_once() -> None:
+    """--edge-slowdown: the stretch is (factor - 1) x the head's warm compute, the least
+    of its back-to-back calibration runs, so a stall of one request here is paid once
+    and the emulated device keeps its speed when this host's drifts. A fake clock:
+    nothing here depends on this machine's speed.
     """
-    slower = SlowerDevice(10.0, window=4)
-    assert [slower.steady_s("a", t) for t in (0.010, 0.030, 0.011)] == [0.010, 0.010, 0.010]
-    assert slower.steady_s("b", 0.5) == 0.5  # each head keeps its own runs
-    # The machine turns 2x slower for good: after `window` runs the old time is gone.
-    steady = [slower.steady_s("a", 0.020) for _ in range(4)]
-    assert steady == [0.010, 0.011, 0.011, 0.020]
+    now = [0.0]
+    slept: list[float] = []
+    slower = SlowerDevice(10.0, runs=3, clock=lambda: now[0], sleep=slept.append)
+    durations = iter([0.050, 0.012, 0.011, 0.013])  # a cold warm-up, then three runs
+
+    def run() -> None:
+        now[0] += next(durations)
+
+    assert slower.warm_s("a") is None
+    assert slower.calibrate("a", run) == pytest.approx(0.011)
+    assert slower.calibrate("a", run) == pytest.approx(0.011)  # once per head: `run` is not called again
+    for took in (0.011, 0.030, 0.022):  # a steady run, a stall, the host 2x slower
+        started = now[0]
+        now[0] += took
+        slower.stretch("a", started)
+    assert slept == pytest.approx([0.099] * 3)  # 9 x 11 ms each time: the device's own
+    started = now[0]
+    now[0] += 0.5
+    slower.stretch("b", started)  # never calibrated: its own run is the figure
+    assert slept[-1] == pytest.approx(4.5)
+    assert SlowerDevice.of(10.0) is SlowerDevice.of(10.0)  # every client of the process
+    assert SlowerDevice.of(10.0) is not SlowerDevice.of(4.0)
