@@ -202,7 +202,7 @@ class SlowerDevice:
 
     @classmethod
     def of(cls, factor: float) -> SlowerDevice:
-        """This process's emulated device ``factor`` times slower."""
+        """The emulated device ``factor`` times slower, one per process."""
         with cls._devices_lock:
             device = cls._devices.get(factor)
             if device is None:

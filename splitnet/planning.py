@@ -615,24 +615,6 @@ class LinkEstimator:
             or moved(p.queue_ms, self.queue_ms, 1.0)
         )
 
-    def _learn_cloud_scale(self) -> None:
-        """The median over the (cut, batch) served twice or more of (their median, the
-        first left out) / (profile x batch); tails profiled under ``SCALE_FLOOR_MS`` are
-        too short to say anything.
-        """
-        ratios = [
-            statistics.median(list(seen)[1:]) / (self.table.cloud_ms[c] * b)
-            for (c, b), seen in self.cloud_seen.items()
-            if len(seen) > 1 and self.table.cloud_ms.get(c, 0.0) * b >= SCALE_FLOOR_MS
-        ]
-        if not ratios:
-            return
-        basis = self._basis.setdefault(("cloud scale", None), self.cloud_scale)
-        self.cloud_scale = min(max(statistics.median(ratios), 0.25), 4.0)
-        hi, lo = max(basis, self.cloud_scale), min(basis, self.cloud_scale)
-        if hi >= REPLAN_RATIO * lo:  # it prices every cut not yet served
-            self.moved = self.moved or f"cloud scale: {basis:.2f} -> {self.cloud_scale:.2f}"
-
     def planned(self) -> None:
         """Record that a plan was made on the current estimate."""
         self._planned_on = replace(self.estimate)
