@@ -21,6 +21,7 @@ stream), ``edge.auto`` (planning), ``edge.model`` (what the device holds).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -135,6 +136,7 @@ class EdgeClient:
         self._lane: Lane | None = None  # the open stream ``infer`` sends on
         # --edge-slowdown: a device that many times slower, emulated (edge/model.py)
         self._slower = SlowerDevice.of(config.edge_slowdown) if config.edge_slowdown > 1 else None
+        self._calibrate_device()
         first = self.device.first_cut() if config.auto else config.cut
         self._route = self._make_route(self.device.cut(first).name, config.codec)
 
@@ -479,9 +481,27 @@ class EdgeClient:
         """
         return f"{self.device.name}{list(self.device.input_shape)}:{cut}"
 
+    def _calibrate_device(self) -> None:
+        """--edge-slowdown: time the warm compute of every head the device holds (and of
+        the whole model) at once, before any request (the process's emulated device
+        keeps them; a later client of the same model finds them known).
+        """
+        slower = self._slower
+        if slower is None:
+            return
+        x = sample_input(self.device.input_shape)
+        runs: dict[str, Callable[[], object]] = {
+            self._device_key(c.name): functools.partial(self.device.head(c.name), x)
+            for c in self.device.graph.cuts[: self.device.deepest + 1]
+        }
+        if self.device.can_run_whole:
+            runs[self._device_key(OUTPUT)] = functools.partial(self.device.run_whole, x)
+        with torch.no_grad():
+            slower.calibrate_many(runs)
+
     def _calibrate(self, cut: str, run: Callable[[torch.Tensor], Any]) -> None:
-        """--edge-slowdown: time the head's warm compute once, when it is first taken,
-        outside any request's timing.
+        """--edge-slowdown: a head not calibrated with the device's is timed when first
+        taken, outside any request's timing.
         """
         slower = self._slower
         if slower is not None and slower.warm_s(self._device_key(cut)) is None:

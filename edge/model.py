@@ -8,9 +8,10 @@ Heads are built once per cut and kept: switching cuts (``cut="auto"``) costs not
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,8 +165,9 @@ class SlowerDevice:
 
     A head's (or the whole model's) time on the emulated device is its run here plus
     ``factor - 1`` times its *warm* compute here: the least of ``runs`` back-to-back
-    runs, timed once when the client first takes the head (``calibrate``). So the
-    emulated device has a speed of its own, as a real one does:
+    runs, timed for every head at once when the first client of the model starts
+    (``calibrate_many``). So the emulated device has a speed of its own, as a real one
+    does:
 
     * Whatever a run takes over its warm time (a cold cache, a core waking after the
       idle wait for the network) is paid once, as a real slow device pays it, instead
@@ -217,18 +219,26 @@ class SlowerDevice:
         """Time ``run`` back to back (one warm-up, then ``runs``); keep the least as the
         warm compute of ``key``. Once per key: later calls return the kept figure.
         """
+        return self.calibrate_many({key: run})[key]
+
+    def calibrate_many(self, runs: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+        """``calibrate`` every key not yet known, in ``self.runs`` interleaved rounds
+        (each round runs every head once), so that all of them are timed in the same
+        minutes: this shared host's speed drifts by 10-20% over minutes, and heads timed
+        at different moments would disagree with each other.
+        """
         with self._lock:
-            known = self._warm.get(key)
-            if known is not None:
-                return known
-            run()
-            times = []
-            for _ in range(self.runs):
-                t0 = self.clock()
+            new = {k: run for k, run in runs.items() if k not in self._warm}
+            for run in new.values():  # warm-up
                 run()
-                times.append(self.clock() - t0)
-            self._warm[key] = warm = min(times)
-            return warm
+            best = dict.fromkeys(new, math.inf)
+            for _ in range(self.runs):
+                for key, run in new.items():
+                    t0 = self.clock()
+                    run()
+                    best[key] = min(best[key], self.clock() - t0)
+            self._warm.update(best)
+            return {k: self._warm[k] for k in runs}
 
     def stretch(self, key: str, started: float) -> None:
         """Sleep so that the run of ``key`` begun at ``started`` (``clock``) takes what

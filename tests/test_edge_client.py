@@ -4,6 +4,7 @@ server limits it follows, against real servers on 127.0.0.1."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import get_type_hints
@@ -351,5 +352,21 @@ def test_emulated_device_stretches_warm_compute_and_pays_a_stall_once() -> None:
     now[0] += 0.5
     slower.stretch("b", started)  # never calibrated: its own run is the figure
     assert slept[-1] == pytest.approx(4.5)
+    # Many heads at once, in interleaved rounds; a head already known is not run again.
+    order: list[str] = []
+
+    def timed(name: str, took: float) -> Callable[[], None]:
+        def run() -> None:
+            order.append(name)
+            now[0] += took
+
+        return run
+
+    def known() -> None:
+        raise AssertionError("a calibrated head is not timed again")
+
+    warm = slower.calibrate_many({"a": known, "c": timed("c", 0.002), "d": timed("d", 0.003)})
+    assert warm == pytest.approx({"a": 0.011, "c": 0.002, "d": 0.003})
+    assert order == ["c", "d"] * 4  # a warm-up round, then three interleaved rounds
     assert SlowerDevice.of(10.0) is SlowerDevice.of(10.0)  # every client of the process
     assert SlowerDevice.of(10.0) is not SlowerDevice.of(4.0)
