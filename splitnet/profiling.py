@@ -57,22 +57,11 @@ def low_quantile(times: list[float], q: float = QUANTILE) -> float:
     return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
 
 
-def _quantile_ms(fn: Any, runs: int, sync: bool, q: float) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return low_quantile(times, q)
-
-
 def describe(runs: int, warmup: int, q: float = QUANTILE) -> str:
     """How ``profile_cuts`` measured, in words (published beside the figures)."""
     return (
         f"{q:.0%} quantile of {runs} timed runs per cut after {warmup} warm-up runs, "
-        "real head and tail modules, batch of the example input"
+        "in rounds across all cuts, real head and tail modules, batch of the example input"
     )
 
 
@@ -87,21 +76,39 @@ def profile_cuts(
 ) -> list[CutProfile]:
     """Per-cut head and tail latency (ms) of ``graph`` on ``inputs``, measured on the
     real halves (batch and shape as in ``inputs``): the ``q`` quantile of ``runs``.
+
+    The runs are interleaved rounds (each round times every cut once), so all cuts are
+    measured over the same minutes: on a shared host whose speed drifts by 10-20% over
+    minutes, cuts profiled one after the other disagreed by as much with each other.
     """
     sync = any(t.is_cuda for t in inputs)
-    out = []
+    halves = []
     for cut in graph.cuts:
         head, tail = graph.split(cut.name)
         if sync:
             head, tail = head.to(inputs[0].device), tail.to(inputs[0].device)
-        frontier = head(*inputs)
-        for _ in range(warmup):
-            head(*inputs)
+        halves.append((cut.name, head, tail))
+    for _ in range(warmup):
+        for _, head, tail in halves:
+            tail(*head(*inputs))
+    head_times: dict[str, list[float]] = {name: [] for name, _, _ in halves}
+    tail_times: dict[str, list[float]] = {name: [] for name, _, _ in halves}
+    for _ in range(max(1, runs)):
+        for name, head, tail in halves:
+            t0 = time.perf_counter()
+            frontier = head(*inputs)
+            if sync:
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
             tail(*frontier)
-        head_ms = _quantile_ms(lambda h=head: h(*inputs), max(1, runs), sync, q)
-        tail_ms = _quantile_ms(lambda t=tail, f=frontier: t(*f), max(1, runs), sync, q)
-        out.append(CutProfile(cut.name, head_ms, tail_ms))
-    return out
+            if sync:
+                torch.cuda.synchronize()
+            head_times[name].append((t1 - t0) * 1e3)
+            tail_times[name].append((time.perf_counter() - t1) * 1e3)
+    return [
+        CutProfile(name, low_quantile(head_times[name], q), low_quantile(tail_times[name], q))
+        for name, _, _ in halves
+    ]
 
 
 @torch.no_grad()
