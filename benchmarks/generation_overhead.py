@@ -54,6 +54,23 @@ MODEL = "tiny:llama:layers=2,hidden=576,heads=9,kv_heads=3,intermediate=256,voca
 _REPLY = struct.Struct("<Id")  # token id, compute seconds
 
 
+def _serve(step: Any) -> None:
+    """Serve ``step`` as the stream method /hand.Hand/Step on a free port; print it."""
+
+    async def main() -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+        handlers = {"Step": grpc.stream_stream_rpc_method_handler(step)}
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("hand.Hand", handlers),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print("port", port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
 def serve_hand(model: str, cut: str) -> None:
     """The hand-rolled server: one cache per stream, raw float32 bytes in, a token out."""
     lm = load_lm(model)
@@ -70,18 +87,7 @@ def serve_hand(model: str, cut: str) -> None:
                 token = int(torch.argmax(logits[0, -1]))
             yield _REPLY.pack(token, time.perf_counter() - t0)
 
-    async def main() -> None:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-        handlers = {"Step": grpc.stream_stream_rpc_method_handler(step)}
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("hand.Hand", handlers),)
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        print("port", port, flush=True)
-        await server.wait_for_termination()
-
-    asyncio.run(main())
+    _serve(step)
 
 
 def _busy_wait(seconds: float) -> None:
@@ -100,18 +106,7 @@ def serve_paused(seconds: float) -> None:
             _busy_wait(seconds)
             yield _REPLY.pack(0, time.perf_counter() - t0)
 
-    async def main() -> None:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-        handlers = {"Step": grpc.stream_stream_rpc_method_handler(step)}
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("hand.Hand", handlers),)
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        print("port", port, flush=True)
-        await server.wait_for_termination()
-
-    asyncio.run(main())
+    _serve(step)
 
 
 def paused_steps(port: int, payload: bytes, edge_s: float, steps: int) -> list[tuple[float, float]]:
