@@ -197,7 +197,6 @@ class EdgeClient:
         return self.transport.lb_policy
 
     def _make_route(self, cut: str, codec: str) -> Route:
-        self._calibrate(cut, self.device.head(cut))
         return Route.build(
             model=self.device.name,
             cut=cut,
@@ -499,16 +498,6 @@ class EdgeClient:
         with torch.no_grad():
             slower.calibrate_many(runs)
 
-    def _calibrate(self, cut: str, run: Callable[[torch.Tensor], Any]) -> None:
-        """--edge-slowdown: a head not calibrated with the device's is timed when first
-        taken, outside any request's timing.
-        """
-        slower = self._slower
-        if slower is not None and slower.warm_s(self._device_key(cut)) is None:
-            x = sample_input(self.device.input_shape)
-            with torch.no_grad():
-                slower.calibrate(self._device_key(cut), lambda: run(x))
-
     def _stretch(self, cut: str, started: float) -> None:
         """--edge-slowdown: make the run begun at ``started`` take the emulated device's
         time.
@@ -638,7 +627,6 @@ class EdgeClient:
         """The whole model on the device: planned (``reason`` None) or a fallback."""
         if reason is not None:
             logger.warning("cloud unreachable (%s): running %s locally", reason, self.device.name)
-        self._calibrate(OUTPUT, self.device.run_whole)
         started = time.perf_counter()
         out = self.device.run_whole(x)
         self._stretch(OUTPUT, started)
