@@ -16,6 +16,9 @@ compute and its own edge timings, exploring on its schedule); its choice and its
 predictions after those requests are what the rows and the summary report. Per link:
 the choice, its measured latency, the measured best, the regret (choice / best), and
 the prediction error of every measured pair (median, maximum, and the best baseline's).
+Where the best is not the choice, the two are measured again in turn in one window
+(``--confirm-requests`` each): ``regret_head_to_head``, free of the low bias of taking
+the least of many pairs' noisy medians.
 
 Output in --out: sweep.csv and sweep.json (one row per link x cut x codec), summary.json
 (one entry per link, with the prediction error of every measured pair, and its median
@@ -126,6 +129,43 @@ def measure(client: EdgeClient, xs: list[torch.Tensor], cut: str, codec: str) ->
     return [client.infer(x) for x in xs]
 
 
+def head_to_head(
+    client: EdgeClient,
+    xs: list[torch.Tensor],
+    chosen: tuple[str, str],
+    measured: dict[tuple[str, str], dict[str, float]],
+    requests: int,
+) -> dict[str, Any]:
+    """The choice and the measured best again, side by side: ``requests`` each, in turn.
+
+    The best is the least of many pairs' medians of a few requests each, so when pairs
+    are near-equal it is the one this machine happened to favour in its window (the
+    least of noisy estimates is biased low). Measured in turn, in one window, the two
+    give an unbiased ratio: ``regret_head_to_head``, beside the sweep's ``regret``.
+    """
+    best = min(measured, key=lambda k: measured[k]["measured_p50_ms"])
+    if best == chosen or requests < 1:
+        return {"regret_head_to_head": 1.0 if best == chosen else None, "head_to_head": None}
+    times: dict[tuple[str, str], list[float]] = {chosen: [], best: []}
+    for key in (chosen, best):  # a warm-up each: a new cut builds its tail
+        client.use(cut=key[0], codec=None if key[1] == "none" else key[1])
+        client.infer(xs[0])
+    for i in range(requests):
+        for key in (chosen, best) if i % 2 == 0 else (best, chosen):
+            client.use(cut=key[0], codec=None if key[1] == "none" else key[1])
+            times[key].append(client.infer(xs[i % len(xs)]).timing.total_ms)
+    choice_ms, best_ms = statistics.median(times[chosen]), statistics.median(times[best])
+    return {
+        "regret_head_to_head": choice_ms / best_ms,
+        "head_to_head": {
+            "requests_each": requests,
+            "choice_ms": choice_ms,
+            "best": f"{best[0]} {best[1]}",
+            "best_ms": best_ms,
+        },
+    }
+
+
 def summarize(results: list[InferResult]) -> dict[str, float]:
     totals = sorted(r.timing.total_ms for r in results)
     med = {
@@ -227,6 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             runs[(cut, codec)] += measure(client, xs[turn::rounds], cut, codec)
                             bar.update()
                 measured = {k: summarize(v) for k, v in runs.items()}
+                again = head_to_head(client, xs, chosen, measured, args.confirm_requests)
                 client.use(cut=INPUT)
                 for p in preds:
                     row: dict[str, Any] = {
@@ -250,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row.update(measured.get((p.cut, p.codec), {}))
                     rows.append(row)
                 summary.append(link_summary(link, choice, measured, rtt))
+                summary[-1].update(again)
                 summary[-1].update(auto.summary())
     finally:
         relay.stop()
@@ -463,6 +505,7 @@ def write_outputs(
         "edge_slowdown": args.edge_slowdown,
         "edge_emulated": args.edge_slowdown > 1,
         "requests_per_pair": args.requests,
+        "confirm_requests": args.confirm_requests,
         "measure_rounds": args.measure_rounds,
         "factor": args.factor,
         "sample": args.sample,
@@ -495,6 +538,13 @@ def print_summary(summary: list[dict[str, Any]], slowdown: float) -> None:
             f"best {s['best']:<28} {s['best_measured_ms']:9.2f} ms  regret {s['regret']:.2f}  "
             f"{speed_text}"
         )
+        if s.get("head_to_head"):
+            h = s["head_to_head"]
+            print(
+                f"  {'':<{width}} side by side ({h['requests_each']} requests each, in turn): "
+                f"choice {h['choice_ms']:.2f} ms, {h['best']} {h['best_ms']:.2f} ms, "
+                f"regret {s['regret_head_to_head']:.2f}"
+            )
         base = ", ".join(f"{k} {100 * v:+.1f}%" for k, v in s["baseline_prediction_errors"].items())
         print(
             f"  {'':<{width}} pred err median {_pct(s['prediction_error_median'])} "
@@ -559,6 +609,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=40,
         help="requests the cut=auto client runs per link before its choice is read",
+    )
+    p.add_argument(
+        "--confirm-requests",
+        type=int,
+        default=6,
+        help="where the measured best is not the choice, measure both again in turn, "
+        "this many requests each (regret_head_to_head); 0: no",
     )
     p.add_argument("--accuracy-budget", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)

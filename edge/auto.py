@@ -552,12 +552,7 @@ class AutoPlan:
         observation of each cut, so two more observations decide; of each split pair's
         end-to-end samples only the newest is kept. Then re-plan.
         """
-        planner = self.planner
-        planner.table = replace(
-            planner.table, cloud_ms={**planner.table.cloud_ms, **server_profile(info)}
-        )
-        for key, seen in planner.cloud_seen.items():
-            planner.cloud_seen[key] = deque(list(seen)[-1:], maxlen=seen.maxlen)
+        self.planner.refresh_cloud(server_profile(info))
         for pair, samples in self.samples.items():
             if pair[0] != OUTPUT:
                 self.samples[pair] = deque(list(samples)[-1:], maxlen=samples.maxlen)

@@ -152,6 +152,7 @@ TRUST_AFTER = 3  # observations after which the prior no longer counts
 REPLAN_RATIO = 1.25  # re-plan when a learned component moves by this factor...
 REPLAN_FLOOR_MS = 0.5  # ...and by at least this much
 SCALE_FLOOR_MS = 1.0  # tails profiled shorter say nothing about the server's scale
+SPREAD_FLOOR = 0.05  # the least doubt left in a head or tail never run, as a fraction
 
 
 def learned(prior: float, samples: Sequence[float] | None, trust_after: int = TRUST_AFTER) -> float:
@@ -197,6 +198,7 @@ class Planner:
         # Value of each component the last plan used, recorded when it first changes.
         self._basis: dict[tuple[str, object], float] = {}
         self.moved: str | None = None  # which component moved enough to re-plan, if any
+        self._spreads: dict[str, float] = {}  # edge_spread, cloud_spread until the next observation
 
     # ------------------------------------------------------------ components
     def edge_ms(self, cut: str) -> float:
@@ -240,6 +242,7 @@ class Planner:
             return
         basis = self._basis.setdefault((kind, key), current())
         seen.setdefault(key, deque(maxlen=WINDOW)).append(value)
+        self._spreads.clear()
         now = current()
         hi, lo = max(now, basis), min(now, basis)
         if hi - lo >= REPLAN_FLOOR_MS and hi >= REPLAN_RATIO * lo:
@@ -255,13 +258,7 @@ class Planner:
             self.local_scale = (1 - alpha) * self.local_scale + alpha * ratio
         self._add("edge", self.edge_seen, cut, measured_ms, lambda: self.edge_ms(cut))
         if cut not in (INPUT, OUTPUT):  # input's head is nothing: no ratio to learn
-            # The median over the heads run twice or more of (their median here, the
-            # first run left out: it pays one-time costs) / profiled.
-            ratios = [
-                statistics.median(list(seen)[1:]) / self.table.edge_ms[c]
-                for c, seen in self.edge_seen.items()
-                if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05 and len(seen) > 1
-            ]
+            ratios = self._edge_ratios()
             if ratios:
                 basis = self._basis.setdefault(("edge scale", None), self.edge_scale)
                 self.edge_scale = min(max(statistics.median(ratios), 0.2), 20.0)
@@ -295,16 +292,66 @@ class Planner:
             self._add("encode", self.encode_seen, pair, encode_ms, lambda: self.encode_ms(*pair))
             self._add("decode", self.decode_seen, pair, decode_ms, lambda: self.decode_ms(*pair))
 
+    def _edge_ratios(self) -> list[float]:
+        """Per head run twice or more: its median here (the first run left out: it pays
+        one-time costs) / its profile. ``edge_scale`` is their median.
+        """
+        return [
+            statistics.median(list(seen)[1:]) / self.table.edge_ms[c]
+            for c, seen in self.edge_seen.items()
+            if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05 and len(seen) > 1
+        ]
+
+    def _cloud_ratios(self) -> list[float]:
+        """Per (cut, batch) served twice or more: its median (the first left out) /
+        (profile x batch). ``cloud_scale`` is their median.
+        """
+        return [
+            statistics.median(list(seen)[1:]) / (self.table.cloud_ms[c] * b)
+            for (c, b), seen in self.cloud_seen.items()
+            if len(seen) > 1 and self.table.cloud_ms.get(c, 0.0) * b >= SCALE_FLOOR_MS
+        ]
+
+    @staticmethod
+    def _spread(ratios: list[float], scale: float) -> float:
+        """How far the scaled prior has been off on the cuts measured: the largest
+        ``|ratio / scale - 1|``, at least ``SPREAD_FLOOR``; 1 (the whole component in
+        doubt) until two cuts are measured.
+        """
+        if len(ratios) < 2 or scale <= 0:
+            return 1.0
+        worst = max(abs(r / scale - 1.0) for r in ratios)
+        return min(max(worst, SPREAD_FLOOR), 1.0)
+
+    @property
+    def edge_spread(self) -> float:
+        """The doubt in a head never run, as a fraction of its price (``_spread``)."""
+        if "edge" not in self._spreads:
+            self._spreads["edge"] = self._spread(self._edge_ratios(), self.edge_scale)
+        return self._spreads["edge"]
+
+    @property
+    def cloud_spread(self) -> float:
+        """The doubt in a tail never served, as a fraction of its price."""
+        if "cloud" not in self._spreads:
+            self._spreads["cloud"] = self._spread(self._cloud_ratios(), self.cloud_scale)
+        return self._spreads["cloud"]
+
+    def refresh_cloud(self, profile: dict[str, float]) -> None:
+        """A server's start-up table again (after a reconnect): the cloud prior, beside
+        only the newest observation of each cut, so two more observations decide.
+        """
+        self.table = replace(self.table, cloud_ms={**self.table.cloud_ms, **profile})
+        for key, seen in self.cloud_seen.items():
+            self.cloud_seen[key] = deque(list(seen)[-1:], maxlen=seen.maxlen)
+        self._spreads.clear()
+
     def _learn_cloud_scale(self) -> None:
         """The median over the (cut, batch) served twice or more of (their median, the
         first left out) / (profile x batch); tails profiled under ``SCALE_FLOOR_MS`` are
         too short to say anything.
         """
-        ratios = [
-            statistics.median(list(seen)[1:]) / (self.table.cloud_ms[c] * b)
-            for (c, b), seen in self.cloud_seen.items()
-            if len(seen) > 1 and self.table.cloud_ms.get(c, 0.0) * b >= SCALE_FLOOR_MS
-        ]
+        ratios = self._cloud_ratios()
         if not ratios:
             return
         basis = self._basis.setdefault(("cloud scale", None), self.cloud_scale)
@@ -322,21 +369,27 @@ class Planner:
         """The part of prediction ``p`` that rests on priors alone: each component of
         its cut and codec (edge, encode, decode, cloud at the current batch) with no
         observation past a first run. What a cut never run is priced from: a profile
-        scaled by heads run elsewhere (``edge_scale``), the server's start-up table.
+        scaled by heads run elsewhere (``edge_scale``), the server's start-up table
+        (``cloud_scale``). Once two heads (tails) are measured, a head (tail) counts
+        only by how far the scaled profile has been off on them (``edge_spread``,
+        ``cloud_spread``): a profile that has predicted well is not doubted whole.
         """
 
-        def doubt(seen: dict[Any, deque[float]], key: Any, ms: float) -> float:
-            return ms if len(seen.get(key, ())) < 2 else 0.0
+        def doubt(seen: dict[Any, deque[float]], key: Any, ms: float, spread: float) -> float:
+            return ms * spread if len(seen.get(key, ())) < 2 else 0.0
 
-        edge = 0.0 if not self.table.learn_edge else doubt(self.edge_seen, p.cut, p.edge_ms)
+        edge = 0.0
+        if self.table.learn_edge:
+            spread = 1.0 if p.cut == OUTPUT else self.edge_spread
+            edge = doubt(self.edge_seen, p.cut, p.edge_ms, spread)
         if p.cut == OUTPUT:
             return edge
         pair = (p.cut, p.codec)
         return (
             edge
-            + doubt(self.encode_seen, pair, p.encode_ms)
-            + doubt(self.decode_seen, pair, p.decode_ms)
-            + doubt(self.cloud_seen, (p.cut, self.batch), p.cloud_ms)
+            + doubt(self.encode_seen, pair, p.encode_ms, 1.0)
+            + doubt(self.decode_seen, pair, p.decode_ms, 1.0)
+            + doubt(self.cloud_seen, (p.cut, self.batch), p.cloud_ms, self.cloud_spread)
         )
 
     # ------------------------------------------------------------ predicting

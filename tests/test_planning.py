@@ -244,6 +244,43 @@ def test_edge_compute_is_learned_from_the_clients_timing() -> None:
     assert stated.edge_ms("mid") == 5.0
 
 
+def test_doubt_in_a_cut_never_run_shrinks_to_what_the_scaled_profile_missed() -> None:
+    """Until two heads (tails) are measured, a head (tail) never run is doubted whole;
+    after, only by the largest error the scaled profile made on the measured ones."""
+    table = replace(
+        _table(),
+        edge_ms={"input": 0.0, "a": 5.0, "b": 10.0, "mid": 20.0, "output": 40.0},
+        cloud_ms={"input": 2.0, "a": 4.0, "b": 3.0, "mid": 2.0},
+        pairs={
+            **_table().pairs,
+            **{(c, "raw"): PairCost(cut=c, codec="raw", bytes_up=10_000, encode_ms=0.1,
+                                    decode_ms=0.1) for c in ("a", "b")},
+        },
+    )  # fmt: skip
+    planner = Planner(table)
+    link = LinkEstimate(up_mbit=8.0, down_mbit=8.0, rtt_ms=10.0)
+    whole = planner.unobserved_ms(planner.predict("mid", "raw", link))
+    assert whole == pytest.approx(20.0 + 0.1 + 0.1 + 2.0)  # every component on its prior
+    for edge, cloud in ((12.0, 8.0), (10.0, 8.0), (10.0, 8.0)):  # head a at 2x its profile
+        planner.observe_request("a", "raw", edge_ms=edge, encode_ms=0.1, decode_ms=0.1,
+                                cloud_ms=cloud, batch=1)  # fmt: skip
+    assert planner.edge_spread == 1.0 and planner.cloud_spread == 1.0  # one cut says nothing
+    for edge, cloud in ((30.0, 7.8), (24.0, 7.8), (24.0, 7.8)):  # head b at 2.4x, tail 2.6x
+        planner.observe_request("b", "raw", edge_ms=edge, encode_ms=0.1, decode_ms=0.1,
+                                cloud_ms=cloud, batch=1)  # fmt: skip
+    assert planner.edge_scale == pytest.approx(2.2) and planner.cloud_scale == pytest.approx(2.3)
+    assert planner.edge_spread == pytest.approx(0.2 / 2.2)  # both heads 0.2 off the median
+    assert planner.cloud_spread == pytest.approx(0.3 / 2.3)
+    p = planner.predict("mid", "raw", link)
+    assert p.edge_ms == pytest.approx(44.0) and p.cloud_ms == pytest.approx(4.6)
+    assert planner.unobserved_ms(p) == pytest.approx(
+        44.0 * 0.2 / 2.2 + 0.1 + 0.1 + 4.6 * 0.3 / 2.3
+    )
+    # A head or tail measured itself carries no doubt; all on the device stays whole.
+    assert planner.unobserved_ms(planner.predict("b", "raw", link)) == 0.0
+    assert planner.unobserved_ms(planner.predict("output", "none", link)) == 40.0
+
+
 def test_exploration_is_a_doubling_schedule_and_costs_log_n_requests() -> None:
     """Probes go out at requests 8, 16, 32, ... and the one after each (by count, so
     deterministically), in turn to the best all-cloud choice, all on the device, and
