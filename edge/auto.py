@@ -160,7 +160,8 @@ class AutoPlan:
     ``MEASURED_WINDOW`` steady requests, each with its link share re-priced on the
     current link estimate); a pair never run by its prediction, plus ``DOUBT`` times
     the components of it that rest on priors alone (``Planner.unobserved_ms``: a head
-    never run, a tail the server only profiled). After every answered request the
+    never run, a tail the server only profiled; once two heads or tails are measured,
+    only as much of one as the scaled profile missed by on them). After every answered request the
     cheapest price is compared with the plan's: a measured alternative must be cheaper
     by ``SWITCH_MEASURED``, a predicted one by ``SWITCH_PREDICTED``. A switch starts a
     trial: after ``TRIAL_SAMPLES`` steady requests at the new plan, it goes back to the
@@ -176,11 +177,13 @@ class AutoPlan:
     the schedule is deterministic) and the one after it (the first request at a cut
     pays one-time costs; the second shows its steady cost) go to one probe target
     instead of the plan: of the best all-cloud choice (cut ``input``), all on the
-    device (where the model is here) and the runner-up (the pair at another cut than
-    the plan's whose price less its doubt is lowest: the most promising one), the one
-    sent a request longest ago (never first). So both baselines are measured by
-    request 17 and re-measured every few probes, and a plan that measures more than
-    ``SWITCH_MEASURED`` worse than a measured baseline is left at the next request. Probes take
+    device (where the model is here) and two runners-up at other cuts than the plan's
+    (the pair expected cheapest, measured or predicted without doubt: a near-equal cut
+    ranked second; and the pair whose price less its doubt is lowest: a cut the profile
+    may overprice), the one sent a request longest ago (never first). So both
+    baselines are measured by request 17 and re-measured every few probes, and a plan
+    that measures more than ``SWITCH_MEASURED`` worse than a measured baseline is left
+    at the next request. Probes take
     ``2 * floor(log2(n / 4))`` of the first ``n`` requests (8 of 100, 14 of 1000),
     each costing the difference between the probe's and the plan's latency. A target
     whose transfer alone (bytes over the learned bandwidth) would take more than
@@ -328,6 +331,12 @@ class AutoPlan:
             return statistics.median(seen) + self._link_ms(p)
         return p.total_ms + DOUBT * self.planner.unobserved_ms(p)
 
+    def _expect(self, p: Prediction) -> float:
+        """The price with no doubt: measured where it ran, else its prediction."""
+        if (p.cut, p.codec) in self.samples:
+            return self._price(p)
+        return p.total_ms
+
     def _hope(self, p: Prediction) -> float:
         """The price with the doubt taken off: what exploring a pair may find."""
         if (p.cut, p.codec) in self.samples:
@@ -400,8 +409,9 @@ class AutoPlan:
     # ------------------------------------------------------------ exploring
     def probe_targets(self) -> list[tuple[str, str]]:
         """What exploration tries: the best all-cloud choice, all on the device (if
-        the model is here), the runner-up (the pair at another cut with the lowest
-        price less its doubt); never the plan itself; the one sent a request longest
+        the model is here), and two runners-up at other cuts: the pair expected
+        cheapest (measured, or predicted without doubt) and the pair with the lowest
+        price less its doubt; never the plan itself; the one sent a request longest
         ago first.
         """
         chosen = self._key()
@@ -426,13 +436,17 @@ class AutoPlan:
                 break
         if any(p.cut == OUTPUT for p in preds):
             targets.append((OUTPUT, "none"))
-        # The runner-up: the real split at another cut than the plan's that may be the
-        # cheapest (its doubt taken off, not added: exploring is for finding out).
+        # The runners-up: the real splits at other cuts than the plan's that are expected
+        # to be the cheapest (measured, or predicted with no doubt either way), and that
+        # may be (their doubt taken off, not added: exploring is for finding out). The
+        # first finds a near-equal cut the model ranks second; the second a cut the
+        # profile may overprice.
         others = [p for p in preds if p.cut not in (INPUT, OUTPUT, chosen[0])]
-        if others:
-            runner_up = min(others, key=self._hope)
-            targets.append((runner_up.cut, runner_up.codec))
-        targets = [k for k in targets if k != chosen]
+        for rank in (self._expect, self._hope):
+            if others:
+                runner_up = min(others, key=rank)
+                targets.append((runner_up.cut, runner_up.codec))
+        targets = [k for k in dict.fromkeys(targets) if k != chosen]
         return sorted(targets, key=lambda k: self.last_sent.get(k, -1))
 
     def next_choice(self) -> tuple[str, str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge.auto import SWITCH_MEASURED, TRIAL_SAMPLES, AutoPlan
+from edge.auto import DOUBT, SWITCH_MEASURED, TRIAL_SAMPLES, AutoPlan
 from edge.results import InferResult, Timing
-from splitnet.planning import CostTable, LinkEstimate, PairCost
+from splitnet.planning import CostTable, LinkEstimate, PairCost, Prediction
 
 NOISE = (1.0, 1.06, 0.95, 1.09, 0.97, 1.03, 0.92, 1.05)  # cycled, one factor per request
 RESULT_BYTES = 2_000
@@ -177,3 +177,45 @@ def test_a_trial_that_measures_worse_goes_back_and_is_not_tried_again() -> None:
     assert tried == [2] and back == [2 + TRIAL_SAMPLES + 1]
     late_requests = sum(k == ("late", "zstd:1") for k in sent)
     assert late_requests == TRIAL_SAMPLES + 1 + 2  # the trial, and the probe at 32
+
+
+def test_a_near_equal_cut_the_model_ranks_second_is_explored_and_taken() -> None:
+    """What WiFi showed on ResNet-18: all in the cloud is the plan, and a cheap-head cut
+    predicted 6% dearer really costs 10% less (its frontier sends better than
+    estimated). A deep cut has the lowest price less its doubt (most of the model on
+    the device, never run), so exploring by hope alone never tries the near one; the
+    runner-up by expectation does, at request 16, and its measurement wins."""
+    table = CostTable(
+        edge_ms={"input": 0.0, "near": 60.0, "deep": 400.0, "output": 450.0},
+        cloud_ms={"input": 70.0, "near": 70.0, "deep": 2.0},
+        pairs={
+            ("input", "zstd:1"): _pair("input", 550_000),
+            ("near", "zstd:1"): _pair("near", 450_000),
+            ("deep", "zstd:1"): _pair("deep", 2_000),
+        },
+        result_bytes=RESULT_BYTES,
+    )
+    wifi = LinkEstimate(up_mbit=20.0, down_mbit=50.0, rtt_ms=20.0)
+    world = World(
+        edge={"input": 0.0, "near": 60.0, "deep": 400.0, "output": 450.0},
+        cloud={"input": 70.0, "near": 70.0, "deep": 2.0},
+        up_mbit=20.0, down_mbit=50.0, rtt_ms=20.0, extra={"near": -50.0},
+    )  # fmt: skip
+    truth = {k: world.total_ms(table, *k) for k in [*table.pairs, ("output", "none")]}
+    assert min(truth, key=lambda k: truth[k]) == ("near", "zstd:1")
+    assert truth[("input", "zstd:1")] > 1.09 * truth[("near", "zstd:1")]
+    plan = AutoPlan.from_table(table, prior=wifi)
+    assert plan.prediction is not None and plan.prediction.cut == "input"
+    near, deep = plan.planner.predict("near", "zstd:1", wifi), plan.planner.predict(
+        "deep", "zstd:1", wifi
+    )
+    assert plan.prediction.total_ms < near.total_ms < deep.total_ms  # near is ranked second
+    def hope(p: Prediction) -> float:  # the price less its doubt
+        return p.total_ms - DOUBT * plan.planner.unobserved_ms(p)
+
+    assert hope(deep) < hope(near)  # but exploring by hope alone would try deep
+    assert set(plan.probe_targets()) == {("output", "none"), ("near", "zstd:1"), ("deep", "zstd:1")}
+    sent = world.serve(plan, 40)
+    assert sent[15:17] == [("near", "zstd:1")] * 2  # the second probe (the device first)
+    assert plan.prediction is not None and plan.prediction.cut == "near"
+    assert sent[-5:] == [("near", "zstd:1")] * 5
