@@ -11,8 +11,9 @@ the real edge ``Generator`` (edge.generate), and each (link, cut, codec) runs
 after a ``--prompt-tokens`` prompt, one warm-up first. Per row: time to first token,
 decode tokens/s, bytes per token (up + down, one decode step), the per-token breakdown
 (edge, encode, network, cloud queue, cloud compute; medians over the runs), and what
-``splitnet.llm.plan`` predicts for it from costs measured here (``measure_side_cost``,
-both sides on this machine) and the link's figures. Whether every run's tokens equal the
+``splitnet.llm.plan`` predicts for it from the edge's costs measured here
+(``measure_side_cost``), the cloud's as the server published them at start-up
+(``GenerationModel.profile``) and the link's figures. Whether every run's tokens equal the
 float32 unsplit model's (``same_tokens``) is recorded too.
 
 Baselines, in every link:
@@ -43,6 +44,7 @@ import torch
 
 from benchmarks.link import LinkProfile, LinkRelay, load_profiles, parse_link
 from edge.generate import GenerateConfig, GenerationResult, Generator
+from edge.generate_plan import server_profile
 from splitnet.codecs import encode, parse_codec
 from splitnet.llm import ALL_CLOUD_CUT, LanguageModel, load_lm, parse_block_cut
 from splitnet.llm.plan import (
@@ -122,12 +124,16 @@ class Setup:
     costs: ModelCosts
 
 
-def measure_costs(lm: LanguageModel, codecs: list[str], prompt_tokens: int) -> ModelCosts:
-    """The planner's costs, measured here for both sides (one machine plays both)."""
+def measure_costs(lm: LanguageModel, codecs: list[str], prompt_tokens: int,
+                  cloud: SideCost | None = None) -> ModelCosts:
+    """The planner's costs: the edge measured here, the cloud from ``cloud`` (the server's
+    published profile; without one, this machine's timing, since one machine plays both).
+    """
     n = lm.num_layers
     side = measure_side_cost(lm.model, n, prompt_tokens=min(prompt_tokens, 64))
-    cloud = SideCost(decode_ms=side.decode_ms, prefill_ms=side.prefill_ms,
-                     lm_head_ms=side.lm_head_ms)
+    if cloud is None:
+        cloud = SideCost(decode_ms=side.decode_ms, prefill_ms=side.prefill_ms,
+                         lm_head_ms=side.lm_head_ms)
     hidden = torch.zeros(1, 1, lm.hidden_size)
     hidden[..., 0] = 1.0
     codec_bytes = {c: encode(hidden, c).ByteSize() + 16 for c in codecs}  # + step fields
@@ -273,12 +279,14 @@ def run_llm(args: argparse.Namespace, cloud_factory: Any) -> dict[str, Any]:
     links = [parse_link(name, profiles) for name in args.links.split(",") if name]
     ids = prompt_ids(lm, args.prompt_tokens)
     _, _, reference = device_only(lm, ids, args.new_tokens)
-    setup = Setup(lm=lm, ids=ids, reference=reference,
-                  costs=measure_costs(lm, codecs, len(ids)))
     cloud = cloud_factory(args.model, None, None)
     rows: list[dict[str, Any]] = []
     plans = []
     try:
+        with Generator(cloud.address, GenerateConfig(model=args.model), lm=lm) as gen:
+            published = server_profile(gen.info(), lm)
+        setup = Setup(lm=lm, ids=ids, reference=reference,
+                      costs=measure_costs(lm, codecs, len(ids), published))
         relay = LinkRelay(cloud.address, links[0].up, links[0].down).start()
         try:
             for link in links:
@@ -300,8 +308,9 @@ def run_llm(args: argparse.Namespace, cloud_factory: Any) -> dict[str, Any]:
         "cuts": cuts,
         "codecs": codecs,
         "edge_threads": torch.get_num_threads(),
+        "cloud_costs": "the server's published profile" if published else "timed here",
         "note": "edge and cloud on one machine; input (all in the cloud) sends token ids; "
-        "the planner's costs were measured here for both sides",
+        "the planner's edge costs were measured here, the cloud's published by the server",
     }
     paths = write_outputs(rows, plans, Path(args.out), meta)
     return {"rows": rows, "plans": plans, "paths": [str(p) for p in paths]}

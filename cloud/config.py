@@ -43,7 +43,7 @@ class ServerConfig:
     max_metadata_size: int = 16 << 10  # request headers per call, in bytes
     max_health_watches: int = 32  # health Watch streams open at once (probes: poll Check)
     chunk_bytes: int = CHUNK_BYTES  # size of the chunks large payloads travel in on streams
-    profile_runs: int = 7  # timed runs per cut at start-up (after 2 warm-ups; 0: skip)
+    profile_runs: int = 7  # timed runs per cut at start-up (after 2 warm-ups; LMs: <= 3; 0: skip)
     inline_tail_us: int = 200  # tails profiled faster than this run on the event loop (0: never)
     grace_s: float = 10.0  # how long in-flight requests may finish at shutdown
     request_timeout_s: float = 30.0  # longest a request may wait and run on the server

@@ -364,7 +364,11 @@ async def _generation(
     from splitnet.llm import load_lm
 
     def load() -> dict[str, ServedLM]:
-        return {n: ServedLM(load_lm(n), config.device) for n in names}
+        served = {n: ServedLM(load_lm(n), config.device) for n in names}
+        if config.profile_runs:  # what a client's --cut auto prices the cloud half from
+            for m in served.values():
+                m.measure_profile(min(config.profile_runs, 3))
+        return served
 
     models = await loop.run_in_executor(None, load)
     limits = SessionLimits(

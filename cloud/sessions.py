@@ -76,6 +76,7 @@ class ServedLM:
         if device != "cpu":
             torch.nn.Module.to(lm.model, torch.device(device))
         self.fingerprint = lm.fingerprint  # at load, so no session waits for it
+        self.profile: gpb.GenerationProfile | None = None  # set by profile(); published
         self._halves: dict[BlockCut, CloudHalf] = {}
         self._lock = threading.Lock()
 
@@ -86,6 +87,21 @@ class ServedLM:
             if half is None:
                 half = self._halves[cut] = CloudHalf(self.lm, cut)
             return half
+
+    def measure_profile(self, runs: int) -> None:
+        """Time the model here (``splitnet.llm.plan.measure_side_cost``: a 32-token
+        prefill and 8 decode steps per run, the median of ``runs`` after a warm-up) and
+        publish it in ``GenerationModel.profile``. Call before serving: it runs the model.
+        """
+        from splitnet.llm.plan import measure_side_cost, profile_to_pb
+
+        side = measure_side_cost(self.lm.model, self.lm.num_layers, runs=runs)
+        self.profile = profile_to_pb(
+            side,
+            f"median of {runs} runs (32-token prefill, 8 decode steps) after 1 warm-up, "
+            f"on {self.device}, {torch.get_num_threads()} threads; whole model, spread "
+            "evenly over the blocks",
+        )
 
     def kv_bytes_per_token(self, cut: BlockCut) -> int:
         """K+V bytes one token costs in the server's blocks at ``cut``."""
@@ -103,6 +119,7 @@ class ServedLM:
             tied_embeddings=lm.tied_embeddings,
             eos_token_ids=list(lm.eos_token_ids),
             fingerprint=self.fingerprint,
+            profile=self.profile,
         )
 
 

@@ -112,25 +112,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SplitNetError("give --model or --bundle")
     cut = cut or "block.1"
     if cut == "auto":  # edge/generate_plan.py: time the model here, plan, print the plan
-        from edge.generate_plan import choose_cut, measure_rtt_ms
+        from edge.generate_plan import choose_cut, measure_rtt_ms, server_profile
         from splitnet.llm import load_lm
 
         lm = load_lm(model)
         if prompt_ids is None:
             prompt_ids = lm.encode_text(args.prompt, chat=not args.no_chat)
-        rtt = args.rtt_ms
-        if rtt is None:
-            probe = GenerateConfig(
-                model=model,
-                cut="block.1",
-                token=read_token(args.token_file),
-                tls_ca=args.tls_ca,
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-            )
-            with Generator(args.server, probe, lm=lm) as gen:
-                rtt = measure_rtt_ms(gen.info)
-        cut, codec, plan = choose_cut(args, lm, len(prompt_ids), rtt)
+        probe = GenerateConfig(
+            model=model,
+            cut="block.1",
+            token=read_token(args.token_file),
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+        with Generator(args.server, probe, lm=lm) as gen:  # the server's profile, the RTT
+            cloud = server_profile(gen.info(), lm)
+            rtt = args.rtt_ms if args.rtt_ms is not None else measure_rtt_ms(gen.info)
+        cut, codec, plan = choose_cut(args, lm, len(prompt_ids), rtt, cloud)
         print(plan, flush=True)
     config = GenerateConfig(
         model=model, cut=cut, codec=codec, temperature=args.temperature,

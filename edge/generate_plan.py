@@ -1,14 +1,15 @@
 """``splitnet-edge generate --cut auto``: choose the cut and codec before generating.
 
-The edge times the model here (``splitnet.llm.plan.auto_costs``), assumes the cloud
-``--cloud-speedup`` times faster (the server publishes no compute profile), measures
-the round trip with ``GetGenerationInfo`` calls unless ``--rtt-ms`` is given, takes the
-bandwidth from ``--link-mbit``, and asks ``splitnet.llm.plan`` for the fastest layout
-that meets ``--edge-memory-mb``, ``--min-edge-blocks`` and ``--u-shaped``. The plan
-(the choice, the baselines and the faster layouts rejected, with why) is printed before
-the text. ``input`` (all in the cloud, token ids sent) runs like any cut; ``output`` (all
-on this device) cannot run through a session: when it wins, the fastest layout that uses
-the server runs and the plan says so.
+The edge times the model here (``splitnet.llm.plan.auto_costs``), prices the cloud from
+the profile the server published at start-up (``GenerationModel.profile``; or, with
+``--cloud-speedup``, as that many times faster than this machine), measures the round
+trip with ``GetGenerationInfo`` calls unless ``--rtt-ms`` is given, takes the bandwidth
+from ``--link-mbit``, and asks ``splitnet.llm.plan`` for the fastest layout that meets
+``--edge-memory-mb``, ``--min-edge-blocks`` and ``--u-shaped``. The plan (the choice,
+the baselines and the faster layouts rejected, with why) is printed before the text.
+``input`` (all in the cloud, token ids sent) runs like any cut; ``output`` (all on this
+device) cannot run through a session: when it wins, the fastest layout that uses the
+server runs and the plan says so.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from splitnet.llm.plan import (
     AUTO_CODECS,
     Constraints,
     GenerationJob,
+    SideCost,
     auto_costs,
     plan_generation,
+    profile_from_pb,
 )
 from splitnet.planning import LinkEstimate
+from splitnet.v1 import generation_pb2 as gpb
 
-__all__ = ["add_plan_arguments", "choose_cut"]
+__all__ = ["add_plan_arguments", "choose_cut", "server_profile"]
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,8 +49,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="link bandwidth in Mbit/s, UP or UP:DOWN (default 10)")
     g.add_argument("--rtt-ms", type=float, default=None,
                    help="round trip in ms (default: measured with GetGenerationInfo calls)")
-    g.add_argument("--cloud-speedup", type=float, default=1.0,
-                   help="how many times faster than this machine the cloud computes (1)")
+    g.add_argument("--cloud-speedup", type=float, default=None,
+                   help="price the cloud this many times faster than this machine, instead "
+                        "of from the profile the server publishes (1 if it publishes none)")
 
 
 def _link(args: argparse.Namespace, rtt_ms: float) -> LinkEstimate:
@@ -71,15 +76,39 @@ def measure_rtt_ms(info: object, runs: int = 5) -> float:
     return statistics.median(times)
 
 
+def server_profile(info: gpb.GenerationInfo, lm: LanguageModel) -> SideCost | None:
+    """The compute profile the server published for ``lm`` (checked against its block
+    count: ``ProtocolError`` if it does not fit), or None when it published none.
+    """
+    for m in info.models:
+        if m.name == lm.name and m.HasField("profile"):
+            return profile_from_pb(m.profile, lm.num_layers)
+    return None
+
+
 def choose_cut(
-    args: argparse.Namespace, lm: LanguageModel, prompt_tokens: int, rtt_ms: float
+    args: argparse.Namespace,
+    lm: LanguageModel,
+    prompt_tokens: int,
+    rtt_ms: float,
+    cloud: SideCost | None = None,
 ) -> tuple[str, str, str]:
-    """(cut, codec, the plan as text) for this generation; ``ConfigError`` if nothing fits."""
+    """(cut, codec, the plan as text) for this generation; ``ConfigError`` if nothing fits.
+    ``cloud`` is the server's published profile (``server_profile``); without it, or with
+    ``args.cloud_speedup``, the cloud is priced as this machine sped up.
+    """
     codecs = [args.codec] if args.codec else list(AUTO_CODECS)
     constraints = Constraints(edge_memory_mb=args.edge_memory_mb,
                               min_edge_blocks=args.min_edge_blocks, u_shaped=args.u_shaped)
+    speedup = args.cloud_speedup
     costs = auto_costs(lm.model, lm.num_layers, lm.hidden_size, codecs=codecs,
-                       cloud_speedup=args.cloud_speedup)
+                       cloud=cloud, cloud_speedup=speedup)
+    if cloud is not None and speedup is None:
+        source = "the server's published profile"
+    else:
+        source = f"this machine's timing / {speedup or 1:g} (--cloud-speedup)"
+    step = costs.cloud.decode(0, lm.num_layers) + costs.cloud.lm_head_ms
+    edge_step = costs.edge.decode(0, lm.num_layers) + costs.edge.lm_head_ms
     job = GenerationJob(prompt_tokens=prompt_tokens, new_tokens=args.max_new_tokens)
     result = plan_generation(costs, job, _link(args, rtt_ms), constraints)
     runnable = [p for p in result.candidates if not p.rejected and p.cut != ALL_EDGE]
@@ -90,7 +119,8 @@ def choose_cut(
             + "); relax --edge-memory-mb, --min-edge-blocks or --u-shaped"
         )
     best = runnable[0]
-    text = result.describe()
+    text = (f"compute per token, whole model: edge {edge_step:.1f} ms (timed here), cloud "
+            f"{step:.1f} ms ({source})\n" + result.describe())
     if result.choice is not None and result.choice.cut == ALL_EDGE:
         text += (f"\n{result.choice.label} is predicted fastest, but a session needs the "
                  f"server: running the fastest layout that uses it, {best.label}")

@@ -239,3 +239,47 @@ def test_cut_auto_respects_the_constraints_on_a_real_model() -> None:
                                          "min_edge_blocks": 1}), lm, 8, 20.0)
     with pytest.raises(ConfigError, match="--link-mbit"):
         choose_cut(argparse.Namespace(**{**base, "link_mbit": "fast"}), lm, 8, 20.0)
+
+
+def test_a_published_profile_is_checked_before_it_is_priced() -> None:
+    """What a server publishes is read back as it was sent, and a profile of the wrong
+    length or with a cost that is not a number is a ProtocolError, not a price."""
+    from splitnet.errors import ProtocolError
+    from splitnet.llm.plan import SideCost, profile_from_pb, profile_to_pb
+
+    side = SideCost(decode_ms=(1.5, 2.0), prefill_ms=(0.25, 0.5), lm_head_ms=0.75)
+    pb = profile_to_pb(side, "test")
+    assert profile_from_pb(pb, 2) == side and pb.method == "test"
+    with pytest.raises(ProtocolError, match="2 decode and 2 prefill entries for a model of 3"):
+        profile_from_pb(pb, 3)
+    for bad in (float("nan"), float("inf"), -1.0, 1e12):
+        pb.decode_ms[1] = bad
+        with pytest.raises(ProtocolError, match="not a number of milliseconds"):
+            profile_from_pb(pb, 2)
+
+
+def test_cut_auto_follows_the_cloud_it_is_given() -> None:
+    """An injected cloud profile decides the layout: a cloud that costs nothing puts the
+    whole model there; one a thousand times slower than any edge keeps every block on
+    the device the session allows."""
+    import argparse
+
+    from edge.generate_plan import choose_cut
+    from splitnet.llm import load_lm
+    from splitnet.llm.plan import SideCost
+
+    lm = load_lm("tiny:llama")
+    n = lm.num_layers
+    args = argparse.Namespace(codec="raw", edge_memory_mb=None, min_edge_blocks=0,
+                              u_shaped=False, link_mbit="1000", cloud_speedup=None,
+                              max_new_tokens=8)
+    free = SideCost(decode_ms=(0.0,) * n, prefill_ms=(0.0,) * n)
+    cut, _, text = choose_cut(args, lm, 8, 0.001, free)
+    assert "(the server's published profile)" in text
+    slow = SideCost(decode_ms=(1e4,) * n, prefill_ms=(1e4,) * n, lm_head_ms=1e4)
+    slow_cut, _, slow_text = choose_cut(args, lm, 8, 0.001, slow)
+    assert "cloud 50000.0 ms" in slow_text
+    # The free cloud takes every block; the slow one as few as a session can (one block
+    # or the head: block.n, or a U-shape with a single cloud block).
+    assert cut == "input", text
+    assert slow_cut in {f"block.{n}"} | {f"block.{k}:block.{k + 1}" for k in range(n)}, slow_text

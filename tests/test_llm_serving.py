@@ -202,6 +202,20 @@ def test_info_reports_models_limits_capacity(small_server) -> None:
     assert info.models[0].kv_bytes_per_token_per_layer == 2 * 16 * 2 * 4
     assert info.limits.max_sessions == 2 and info.capacity.sessions_free == 2
     assert "int8" not in info.codecs and "fp16" in info.codecs and "int8o:4" in info.codecs
+    profile = info.models[0].profile  # timed at start-up, one entry per block
+    assert len(profile.decode_ms) == len(profile.prefill_ms) == 4
+    assert min(profile.decode_ms) > 0 and profile.lm_head_ms > 0 and "median of 3" in profile.method
+
+
+def test_a_server_told_not_to_profile_publishes_no_profile() -> None:
+    config = ServerConfig(models=(ModelEntry(name="tiny:llama"),), port=0, profile_runs=0)
+    s = BackgroundServer(config)
+    try:
+        lm = load_lm("tiny:llama")
+        with Generator(s.address, GenerateConfig(model="tiny:llama"), lm=lm) as g:
+            assert not g.info().models[0].HasField("profile")
+    finally:
+        s.stop()
 
 
 def test_model_info_reports_generation_capacity_now(small_server) -> None:
@@ -412,6 +426,27 @@ def test_generate_command_json_equals_generate(server, lms, model: str, capsys) 
             "edge_ms", "encode_ms", "network_ms", "queue_ms", "compute_ms"
         }
         assert any("tokens/s" in line and "bytes/token" in line for line in lines)
+
+
+def test_generate_cut_auto_prices_the_cloud_from_the_servers_profile(server, lms, capsys) -> None:
+    """--cut auto through the command: the plan says where the cloud's price came from,
+    and whatever layout it picks, the lossless tokens equal transformers' generate()."""
+    from edge.cli import main
+
+    lm = lms["tiny:llama"]
+    prompt = prompt_ids(lm.model.config.vocab_size)
+    expected = reference(lm, prompt, 16)
+    common = ["generate", "--server", server.address, "--model", "tiny:llama", "--cut", "auto",
+              "--codec", "raw", "--prompt-ids", ",".join(map(str, prompt)),
+              "--max-new-tokens", "16", "--rtt-ms", "5", "--json"]  # fmt: skip
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert "cloud" in out and "(the server's published profile)" in out, out
+    assert json.loads(out.strip().splitlines()[-1])["tokens"] == expected
+    assert main([*common, "--cloud-speedup", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "/ 4 (--cloud-speedup)" in out
+    assert json.loads(out.strip().splitlines()[-1])["tokens"] == expected
 
 
 def test_generate_command_mistakes_are_one_line(server, capsys) -> None:

@@ -33,6 +33,9 @@ Costs are inputs (``ModelCosts``): measured on each side, or given. ``model_size
 derives the memory side (parameter bytes per block, KV bytes per token per block) from a
 transformers config. Planning reads no clock; ``measure_side_cost`` is the one function
 that measures (a model's decode step and prefill, here, spread evenly over its blocks).
+The server runs it at start-up and publishes the result (``GenerationProfile``);
+``profile_to_pb`` and ``profile_from_pb`` carry a ``SideCost`` over the wire, the second
+validating what it reads.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from splitnet.codecs import parse_codec
-from splitnet.errors import ConfigError
+from splitnet.errors import ConfigError, ProtocolError
 from splitnet.llm.cuts import ALL_CLOUD_CUT
 from splitnet.planning import LinkEstimate
+from splitnet.v1 import generation_pb2 as gpb
 
 __all__ = [
     "ALL_CLOUD",
@@ -65,6 +69,8 @@ __all__ = [
     "measure_side_cost",
     "model_sizes",
     "plan_generation",
+    "profile_from_pb",
+    "profile_to_pb",
 ]
 
 ALL_EDGE = "output"  # every block and the LM head on the device
@@ -449,33 +455,43 @@ def measure_side_cost(
 
     takes_cache = "cache" in inspect.signature(model.forward).parameters
     vocab = int(model.config.vocab_size)
-    ids = (torch.arange(prompt_tokens) * 7919 % vocab).unsqueeze(0)
+    device = next(model.parameters()).device
+    ids = (torch.arange(prompt_tokens, device=device) * 7919 % vocab).unsqueeze(0)
+    # A GPU runs asynchronously: wait for it before each reading of the clock.
+    sync: Callable[[], None] = (
+        torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    )
 
     def run_once() -> tuple[float, float]:
         cache = DynamicCache(config=model.config)
         kw = {"cache" if takes_cache else "past_key_values": cache, "use_cache": True}
+        sync()
         t0 = clock()
         out = model(ids, logits_to_keep=1, **kw)
-        prefill = clock() - t0
         nxt = out.logits[:, -1:].argmax(-1)
+        sync()
+        prefill = clock() - t0
         times = []
         for _ in range(steps):
             t0 = clock()
             out = model(nxt, **kw)
-            times.append(clock() - t0)
             nxt = out.logits[:, -1:].argmax(-1)
+            sync()
+            times.append(clock() - t0)
         return prefill, statistics.median(times)
 
     with torch.inference_mode():
         run_once()
         samples = [run_once() for _ in range(runs)]
         head = model.get_output_embeddings()
-        vec = torch.zeros(1, 1, head.in_features)
+        vec = torch.zeros(1, 1, head.in_features, device=device)
         head(vec)
         head_times = []
         for _ in range(runs * 4):
+            sync()
             t0 = clock()
             head(vec)
+            sync()
             head_times.append(clock() - t0)
     head_ms = 1000 * statistics.median(head_times)
     prefill_ms = 1000 * statistics.median(p for p, _ in samples)
@@ -489,6 +505,34 @@ def measure_side_cost(
     )
 
 
+PROFILE_MAX_MS = 3_600_000.0  # a published cost above an hour is not a measurement
+
+
+def profile_to_pb(side: SideCost, method: str) -> gpb.GenerationProfile:
+    """``side`` as the server publishes it in ``GenerationModel.profile``."""
+    return gpb.GenerationProfile(
+        decode_ms=list(side.decode_ms), prefill_ms=list(side.prefill_ms),
+        lm_head_ms=side.lm_head_ms, embed_ms=side.embed_ms, method=method,
+    )  # fmt: skip
+
+
+def profile_from_pb(pb: gpb.GenerationProfile, num_layers: int) -> SideCost:
+    """A server's published profile as a ``SideCost``, checked: one entry per block,
+    every value finite, >= 0 and under an hour. ``ProtocolError`` otherwise.
+    """
+    if len(pb.decode_ms) != num_layers or len(pb.prefill_ms) != num_layers:
+        raise ProtocolError(
+            f"the server's generation profile has {len(pb.decode_ms)} decode and "
+            f"{len(pb.prefill_ms)} prefill entries for a model of {num_layers} blocks"
+        )
+    values = (*pb.decode_ms, *pb.prefill_ms, pb.lm_head_ms, pb.embed_ms)
+    if not all(math.isfinite(v) and 0 <= v <= PROFILE_MAX_MS for v in values):
+        raise ProtocolError("the server's generation profile has a cost that is not "
+                            f"a number of milliseconds in [0, {PROFILE_MAX_MS:.0f}]")
+    return SideCost(decode_ms=tuple(pb.decode_ms), prefill_ms=tuple(pb.prefill_ms),
+                    lm_head_ms=pb.lm_head_ms, embed_ms=pb.embed_ms)
+
+
 AUTO_CODECS = ("raw", "fp16", "int8o:8")  # lossless, half, and the int8 the table backs
 
 
@@ -498,26 +542,31 @@ def auto_costs(
     hidden_size: int,
     *,
     codecs: Sequence[str] = AUTO_CODECS,
-    cloud_speedup: float = 1.0,
+    cloud: SideCost | None = None,
+    cloud_speedup: float | None = None,
     prompt_tokens: int = 32,
 ) -> ModelCosts:
-    """Costs for ``--cut auto``: this machine's timing of ``model`` as the edge, the cloud
-    ``cloud_speedup`` times faster (the server publishes no compute profile), sizes from the
-    model's config and each codec's real message for one hidden vector.
+    """Costs for ``--cut auto``: this machine's timing of ``model`` as the edge; the
+    cloud's from ``cloud`` (the server's published profile) unless ``cloud_speedup`` is
+    given, which prices the cloud that many times faster than this edge (1 with
+    neither); sizes from the model's config and each codec's real message for one
+    hidden vector.
     """
     import torch
 
     from splitnet.codecs import encode
 
-    if not (math.isfinite(cloud_speedup) and cloud_speedup > 0):
+    if cloud_speedup is not None and not (math.isfinite(cloud_speedup) and cloud_speedup > 0):
         raise ConfigError("cloud_speedup must be a number > 0")
     edge = measure_side_cost(model, num_layers, prompt_tokens=prompt_tokens)
-    cloud = SideCost(
-        decode_ms=tuple(t / cloud_speedup for t in edge.decode_ms),
-        prefill_ms=tuple(t / cloud_speedup for t in edge.prefill_ms),
-        lm_head_ms=edge.lm_head_ms / cloud_speedup,
-        embed_ms=edge.embed_ms / cloud_speedup,
-    )
+    if cloud is None or cloud_speedup is not None:
+        speedup = cloud_speedup or 1.0
+        cloud = SideCost(
+            decode_ms=tuple(t / speedup for t in edge.decode_ms),
+            prefill_ms=tuple(t / speedup for t in edge.prefill_ms),
+            lm_head_ms=edge.lm_head_ms / speedup,
+            embed_ms=edge.embed_ms / speedup,
+        )
     vector = torch.randn(1, 1, hidden_size, generator=torch.Generator().manual_seed(0))
     codec_bytes = {str(parse_codec(c)): encode(vector, c).ByteSize() + 16 for c in codecs}
     return ModelCosts(sizes=model_sizes(model.config), edge=edge, cloud=cloud,

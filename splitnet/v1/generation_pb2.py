@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitnet.v1 import tensor_pb2 as splitnet_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitnet/v1/generation.proto\x12\x0bsplitnet.v1\x1a\x18splitnet/v1/tensor.proto\"\x17\n\x15GenerationInfoRequest\"\xc7\x01\n\x0fGenerationModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12$\n\x1ckv_bytes_per_token_per_layer\x18\x05 \x01(\x04\x12\x17\n\x0ftied_embeddings\x18\x06 \x01(\x08\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\"\x91\x01\n\x10GenerationLimits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x1e\n\x16max_tokens_per_session\x18\x02 \x01(\r\x12\x17\n\x0fkv_budget_bytes\x18\x03 \x01(\x04\x12\x16\n\x0eidle_timeout_s\x18\x04 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\"\x81\x01\n\x08\x43\x61pacity\x12\x15\n\rsessions_open\x18\x01 \x01(\r\x12\x15\n\rsessions_free\x18\x02 \x01(\r\x12\x19\n\x11kv_reserved_bytes\x18\x03 \x01(\x04\x12\x15\n\rkv_free_bytes\x18\x04 \x01(\x04\x12\x15\n\rkv_used_bytes\x18\x05 \x01(\x04\"\xa6\x01\n\x0eGenerationInfo\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.splitnet.v1.GenerationModel\x12\x0e\n\x06\x63odecs\x18\x02 \x03(\t\x12-\n\x06limits\x18\x03 \x01(\x0b\x32\x1d.splitnet.v1.GenerationLimits\x12\'\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x15.splitnet.v1.Capacity\"\x93\x01\n\x0bOpenSession\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\"a\n\x07Prefill\x12\x10\n\x08position\x18\x01 \x01(\r\x12#\n\x06hidden\x18\x02 \x01(\x0b\x32\x13.splitnet.v1.Tensor\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"V\n\nDecodeStep\x12\x10\n\x08position\x18\x01 \x01(\r\x12#\n\x06hidden\x18\x02 \x01(\x0b\x32\x13.splitnet.v1.Tensor\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\"\x0e\n\x0c\x43loseSession\"\xc1\x01\n\x0fGenerateRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.splitnet.v1.OpenSessionH\x00\x12\'\n\x07prefill\x18\x02 \x01(\x0b\x32\x14.splitnet.v1.PrefillH\x00\x12\'\n\x04step\x18\x03 \x01(\x0b\x32\x17.splitnet.v1.DecodeStepH\x00\x12*\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x19.splitnet.v1.CloseSessionH\x00\x42\x06\n\x04kind\"\xe7\x01\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_chunk_tokens\x18\x03 \x01(\r\x12\x16\n\x0ereturns_tokens\x18\x04 \x01(\x08\x12+\n\x05model\x18\x05 \x01(\x0b\x32\x1c.splitnet.v1.GenerationModel\x12-\n\x06limits\x18\x06 \x01(\x0b\x32\x1d.splitnet.v1.GenerationLimits\x12\'\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x15.splitnet.v1.Capacity\"~\n\nStepTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"\x99\x01\n\nStepResult\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x05token\x18\x03 \x01(\rH\x00\x12%\n\x06hidden\x18\x04 \x01(\x0b\x32\x13.splitnet.v1.TensorH\x00\x12\'\n\x06timing\x18\x05 \x01(\x0b\x32\x17.splitnet.v1.StepTimingB\x08\n\x06output\"\x18\n\x06\x43losed\x12\x0e\n\x06length\x18\x01 \x01(\r\"\x93\x01\n\x10GenerateResponse\x12%\n\x06opened\x18\x01 \x01(\x0b\x32\x13.splitnet.v1.OpenedH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.splitnet.v1.StepResultH\x00\x12%\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x13.splitnet.v1.ClosedH\x00\x42\x06\n\x04kind2\xb4\x01\n\x0fSplitGeneration\x12T\n\x11GetGenerationInfo\x12\".splitnet.v1.GenerationInfoRequest\x1a\x1b.splitnet.v1.GenerationInfo\x12K\n\x08Generate\x12\x1c.splitnet.v1.GenerateRequest\x1a\x1d.splitnet.v1.GenerateResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitnet/v1/generation.proto\x12\x0bsplitnet.v1\x1a\x18splitnet/v1/tensor.proto\"\x17\n\x15GenerationInfoRequest\"\xf8\x01\n\x0fGenerationModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12$\n\x1ckv_bytes_per_token_per_layer\x18\x05 \x01(\x04\x12\x17\n\x0ftied_embeddings\x18\x06 \x01(\x08\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\x12/\n\x07profile\x18\t \x01(\x0b\x32\x1e.splitnet.v1.GenerationProfile\"p\n\x11GenerationProfile\x12\x11\n\tdecode_ms\x18\x01 \x03(\x01\x12\x12\n\nprefill_ms\x18\x02 \x03(\x01\x12\x12\n\nlm_head_ms\x18\x03 \x01(\x01\x12\x10\n\x08\x65mbed_ms\x18\x04 \x01(\x01\x12\x0e\n\x06method\x18\x05 \x01(\t\"\x91\x01\n\x10GenerationLimits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x1e\n\x16max_tokens_per_session\x18\x02 \x01(\r\x12\x17\n\x0fkv_budget_bytes\x18\x03 \x01(\x04\x12\x16\n\x0eidle_timeout_s\x18\x04 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\"\x81\x01\n\x08\x43\x61pacity\x12\x15\n\rsessions_open\x18\x01 \x01(\r\x12\x15\n\rsessions_free\x18\x02 \x01(\r\x12\x19\n\x11kv_reserved_bytes\x18\x03 \x01(\x04\x12\x15\n\rkv_free_bytes\x18\x04 \x01(\x04\x12\x15\n\rkv_used_bytes\x18\x05 \x01(\x04\"\xa6\x01\n\x0eGenerationInfo\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.splitnet.v1.GenerationModel\x12\x0e\n\x06\x63odecs\x18\x02 \x03(\t\x12-\n\x06limits\x18\x03 \x01(\x0b\x32\x1d.splitnet.v1.GenerationLimits\x12\'\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x15.splitnet.v1.Capacity\"\x93\x01\n\x0bOpenSession\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\"a\n\x07Prefill\x12\x10\n\x08position\x18\x01 \x01(\r\x12#\n\x06hidden\x18\x02 \x01(\x0b\x32\x13.splitnet.v1.Tensor\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"V\n\nDecodeStep\x12\x10\n\x08position\x18\x01 \x01(\r\x12#\n\x06hidden\x18\x02 \x01(\x0b\x32\x13.splitnet.v1.Tensor\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\"\x0e\n\x0c\x43loseSession\"\xc1\x01\n\x0fGenerateRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.splitnet.v1.OpenSessionH\x00\x12\'\n\x07prefill\x18\x02 \x01(\x0b\x32\x14.splitnet.v1.PrefillH\x00\x12\'\n\x04step\x18\x03 \x01(\x0b\x32\x17.splitnet.v1.DecodeStepH\x00\x12*\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x19.splitnet.v1.CloseSessionH\x00\x42\x06\n\x04kind\"\xe7\x01\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_chunk_tokens\x18\x03 \x01(\r\x12\x16\n\x0ereturns_tokens\x18\x04 \x01(\x08\x12+\n\x05model\x18\x05 \x01(\x0b\x32\x1c.splitnet.v1.GenerationModel\x12-\n\x06limits\x18\x06 \x01(\x0b\x32\x1d.splitnet.v1.GenerationLimits\x12\'\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x15.splitnet.v1.Capacity\"~\n\nStepTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"\x99\x01\n\nStepResult\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x05token\x18\x03 \x01(\rH\x00\x12%\n\x06hidden\x18\x04 \x01(\x0b\x32\x13.splitnet.v1.TensorH\x00\x12\'\n\x06timing\x18\x05 \x01(\x0b\x32\x17.splitnet.v1.StepTimingB\x08\n\x06output\"\x18\n\x06\x43losed\x12\x0e\n\x06length\x18\x01 \x01(\r\"\x93\x01\n\x10GenerateResponse\x12%\n\x06opened\x18\x01 \x01(\x0b\x32\x13.splitnet.v1.OpenedH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.splitnet.v1.StepResultH\x00\x12%\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x13.splitnet.v1.ClosedH\x00\x42\x06\n\x04kind2\xb4\x01\n\x0fSplitGeneration\x12T\n\x11GetGenerationInfo\x12\".splitnet.v1.GenerationInfoRequest\x1a\x1b.splitnet.v1.GenerationInfo\x12K\n\x08Generate\x12\x1c.splitnet.v1.GenerateRequest\x1a\x1d.splitnet.v1.GenerateResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,33 +35,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATIONINFOREQUEST']._serialized_start=71
   _globals['_GENERATIONINFOREQUEST']._serialized_end=94
   _globals['_GENERATIONMODEL']._serialized_start=97
-  _globals['_GENERATIONMODEL']._serialized_end=296
-  _globals['_GENERATIONLIMITS']._serialized_start=299
-  _globals['_GENERATIONLIMITS']._serialized_end=444
-  _globals['_CAPACITY']._serialized_start=447
-  _globals['_CAPACITY']._serialized_end=576
-  _globals['_GENERATIONINFO']._serialized_start=579
-  _globals['_GENERATIONINFO']._serialized_end=745
-  _globals['_OPENSESSION']._serialized_start=748
-  _globals['_OPENSESSION']._serialized_end=895
-  _globals['_PREFILL']._serialized_start=897
-  _globals['_PREFILL']._serialized_end=994
-  _globals['_DECODESTEP']._serialized_start=996
-  _globals['_DECODESTEP']._serialized_end=1082
-  _globals['_CLOSESESSION']._serialized_start=1084
-  _globals['_CLOSESESSION']._serialized_end=1098
-  _globals['_GENERATEREQUEST']._serialized_start=1101
-  _globals['_GENERATEREQUEST']._serialized_end=1294
-  _globals['_OPENED']._serialized_start=1297
-  _globals['_OPENED']._serialized_end=1528
-  _globals['_STEPTIMING']._serialized_start=1530
-  _globals['_STEPTIMING']._serialized_end=1656
-  _globals['_STEPRESULT']._serialized_start=1659
-  _globals['_STEPRESULT']._serialized_end=1812
-  _globals['_CLOSED']._serialized_start=1814
-  _globals['_CLOSED']._serialized_end=1838
-  _globals['_GENERATERESPONSE']._serialized_start=1841
-  _globals['_GENERATERESPONSE']._serialized_end=1988
-  _globals['_SPLITGENERATION']._serialized_start=1991
-  _globals['_SPLITGENERATION']._serialized_end=2171
+  _globals['_GENERATIONMODEL']._serialized_end=345
+  _globals['_GENERATIONPROFILE']._serialized_start=347
+  _globals['_GENERATIONPROFILE']._serialized_end=459
+  _globals['_GENERATIONLIMITS']._serialized_start=462
+  _globals['_GENERATIONLIMITS']._serialized_end=607
+  _globals['_CAPACITY']._serialized_start=610
+  _globals['_CAPACITY']._serialized_end=739
+  _globals['_GENERATIONINFO']._serialized_start=742
+  _globals['_GENERATIONINFO']._serialized_end=908
+  _globals['_OPENSESSION']._serialized_start=911
+  _globals['_OPENSESSION']._serialized_end=1058
+  _globals['_PREFILL']._serialized_start=1060
+  _globals['_PREFILL']._serialized_end=1157
+  _globals['_DECODESTEP']._serialized_start=1159
+  _globals['_DECODESTEP']._serialized_end=1245
+  _globals['_CLOSESESSION']._serialized_start=1247
+  _globals['_CLOSESESSION']._serialized_end=1261
+  _globals['_GENERATEREQUEST']._serialized_start=1264
+  _globals['_GENERATEREQUEST']._serialized_end=1457
+  _globals['_OPENED']._serialized_start=1460
+  _globals['_OPENED']._serialized_end=1691
+  _globals['_STEPTIMING']._serialized_start=1693
+  _globals['_STEPTIMING']._serialized_end=1819
+  _globals['_STEPRESULT']._serialized_start=1822
+  _globals['_STEPRESULT']._serialized_end=1975
+  _globals['_CLOSED']._serialized_start=1977
+  _globals['_CLOSED']._serialized_end=2001
+  _globals['_GENERATERESPONSE']._serialized_start=2004
+  _globals['_GENERATERESPONSE']._serialized_end=2151
+  _globals['_SPLITGENERATION']._serialized_start=2154
+  _globals['_SPLITGENERATION']._serialized_end=2334
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class GenerationInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerationModel(_message.Message):
-    __slots__ = ("name", "num_layers", "hidden_size", "vocab_size", "kv_bytes_per_token_per_layer", "tied_embeddings", "eos_token_ids", "fingerprint")
+    __slots__ = ("name", "num_layers", "hidden_size", "vocab_size", "kv_bytes_per_token_per_layer", "tied_embeddings", "eos_token_ids", "fingerprint", "profile")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class GenerationModel(_message.Message):
     TIED_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     hidden_size: int
@@ -29,7 +30,22 @@ class GenerationModel(_message.Message):
     tied_embeddings: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_token_per_layer: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    profile: GenerationProfile
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_token_per_layer: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., fingerprint: _Optional[str] = ..., profile: _Optional[_Union[GenerationProfile, _Mapping]] = ...) -> None: ...
+
+class GenerationProfile(_message.Message):
+    __slots__ = ("decode_ms", "prefill_ms", "lm_head_ms", "embed_ms", "method")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    LM_HEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_MS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: _containers.RepeatedScalarFieldContainer[float]
+    prefill_ms: _containers.RepeatedScalarFieldContainer[float]
+    lm_head_ms: float
+    embed_ms: float
+    method: str
+    def __init__(self, decode_ms: _Optional[_Iterable[float]] = ..., prefill_ms: _Optional[_Iterable[float]] = ..., lm_head_ms: _Optional[float] = ..., embed_ms: _Optional[float] = ..., method: _Optional[str] = ...) -> None: ...
 
 class GenerationLimits(_message.Message):
     __slots__ = ("max_sessions", "max_tokens_per_session", "kv_budget_bytes", "idle_timeout_s", "max_batch_size")
