@@ -260,10 +260,15 @@ class GenerationService(gpb_grpc.SplitGenerationServicer):
     def banner(self) -> list[str]:
         """One start-up phrase per language model."""
         lim = self.table.limits
+
+        def timed(m: ServedLM) -> str:
+            p = m.profile
+            return "" if p is None else f", {sum(p.decode_ms) + p.lm_head_ms:.1f} ms a token"
+
         return [
             f"{m.name} generation ({m.lm.num_layers} blocks, cuts input, block.K and "
             f"block.K:block.M, {lim.max_sessions} sessions x {lim.max_tokens} tokens, "
-            f"KV budget {lim.kv_budget_bytes >> 20} MiB)"
+            f"KV budget {lim.kv_budget_bytes >> 20} MiB{timed(m)})"
             for m in self.models.values()
         ]
 
