@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 _METHOD = "/splitnet.v1.SplitGeneration/"
 MAX_MESSAGE_BYTES = 64 << 20
+# The first prefill chunk is sent before the server has said its chunk limit: this much
+# float32 fits the message limit of any server with --max-message-mb 1 or more.
+FIRST_CHUNK_BYTES = 256 << 10
 # Codes after which a new session may succeed (the server restarted, the session idled out).
 RECONNECT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "ABORTED"})
 
@@ -172,7 +175,15 @@ class _Session:
         self.opened: gpb.Opened | None = None
 
     def ask(self, request: gpb.GenerateRequest) -> gpb.GenerateResponse:
+        self.send(request)
+        return self.receive()
+
+    def send(self, request: gpb.GenerateRequest) -> None:
+        """Queue a message without waiting for an answer (answers come in order)."""
         self._requests.put(request)
+
+    def receive(self) -> gpb.GenerateResponse:
+        """The next answer on the stream."""
         try:
             return next(self._responses)
         except StopIteration:
@@ -225,9 +236,11 @@ class Generator:
         # here, the server's blocks are freed with ``lm``.
         self.tokenizer = lm.tokenizer
         self.vocab_size = lm.vocab_size
+        self.hidden_size = lm.hidden_size
         self.eos = frozenset(lm.eos_token_ids) if config.stop_at_eos else frozenset()
         self.codec = parse_codec(config.codec)
         self._rng = rng or random.Random()
+        self._chunk_limit: int | None = None  # the server's max_chunk_tokens, once opened
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self.metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
@@ -406,52 +419,78 @@ class _Run:
         return next_token(answer[0, -1], self.gen.config.sampling, position)
 
     # -- messages
-    def _open(self) -> _Session:
+    def _open_request(self) -> gpb.GenerateRequest:
         gen, c = self.gen, self.gen.config
-        session = _Session(gen._call, gen.metadata)
         o = gpb.OpenSession(
             model=c.model, cut=gen.cut.name, codec=str(gen.codec),
             max_tokens=len(self.prompt) + self.max_new,
             temperature=c.temperature, top_p=c.top_p, seed=c.seed,
             fingerprint=gen.fingerprint,
         )  # fmt: skip
-        reply = session.ask(gpb.GenerateRequest(open=o))
+        return gpb.GenerateRequest(open=o)
+
+    def _opened(self, reply: gpb.GenerateResponse) -> gpb.Opened:
         if reply.WhichOneof("kind") != "opened":
             raise ProtocolError(f"the server answered open with {reply.WhichOneof('kind')}")
-        if reply.opened.returns_tokens == gen.cut.u_shaped:
+        if reply.opened.returns_tokens == self.gen.cut.u_shaped:
             raise ProtocolError("the server's half does not match the cut")
-        session.opened = reply.opened
-        return session
+        return reply.opened
+
+    def _chunk(self, everything: torch.Tensor, start: int, stop: int) -> gpb.GenerateRequest:
+        piece = everything[:, start:stop].contiguous()
+        last = stop >= everything.shape[1]
+        if self.gen.cut.token_ids:  # cut input: the ids themselves
+            prefill = gpb.Prefill(position=start, token_ids=piece[0].tolist(), last=last)
+        else:
+            prefill = gpb.Prefill(position=start, hidden=encode(piece, self.gen.codec),
+                                  last=last)  # fmt: skip
+        return gpb.GenerateRequest(prefill=prefill)
 
     def _prefill(self) -> Any:
         """(Re)open a session and send every hidden state sent so far; returns the answer
         for the last position: a token (block.K) or the edge tail's logits (U-shaped).
+
+        Nothing waits for a round trip it does not need: the first chunk goes right
+        behind the open, the rest as soon as the open's answer gives the server's chunk
+        limit, and the answers are read after. Until a session has told this generator
+        the limit, the first chunk holds what any server takes (``FIRST_CHUNK_BYTES`` of
+        float32); a server that takes less gets the prefill again, within its limit.
         """
+        gen = self.gen
         self._close()
-        self.session = self._open()
-        assert self.session.opened is not None
+        session = self.session = _Session(gen._call, gen.metadata)
         everything = torch.cat(self.sent, dim=1)
-        limit = self.session.opened.max_chunk_tokens
-        if self.gen.config.chunk_tokens:
-            limit = min(limit, self.gen.config.chunk_tokens)
         total = everything.shape[1]
+        wanted = gen.config.chunk_tokens or total
+        known = gen._chunk_limit
+        first = min(total, wanted, known or max(1, FIRST_CHUNK_BYTES // (4 * gen.hidden_size)))
+        sizes: list[int] = []  # bytes of each chunk sent
+
+        def send(start: int, stop: int) -> None:
+            request = self._chunk(everything, start, stop)
+            sizes.append(request.ByteSize())
+            session.send(request)
+
+        session.send(self._open_request())
+        send(0, first)
+        opened = session.opened = self._opened(session.receive())
+        gen._chunk_limit = opened.max_chunk_tokens
+        if first > opened.max_chunk_tokens:  # the chunk sent is over this server's limit
+            return self._prefill()  # the limit is known now: once more, within it
+        limit = min(opened.max_chunk_tokens, wanted)
+        starts = [0, *range(first, total, limit)]
+        for start in starts[1:]:
+            send(start, min(start + limit, total))
         outs: list[torch.Tensor] = []
         token: int | None = None
-        for start in range(0, total, limit):
-            piece = everything[:, start : start + limit].contiguous()
-            last = start + limit >= total
-            if self.gen.cut.token_ids:  # cut input: the ids themselves
-                prefill = gpb.Prefill(position=start, token_ids=piece[0].tolist(), last=last)
-            else:
-                prefill = gpb.Prefill(position=start, hidden=encode(piece, self.gen.codec),
-                                      last=last)  # fmt: skip
-            req = gpb.GenerateRequest(prefill=prefill)
-            reply = self.session.ask(req)
-            self.prefill_bytes += req.ByteSize() + reply.ByteSize()
+        for i, start in enumerate(starts):
+            reply = session.receive()
+            stop = starts[i + 1] if i + 1 < len(starts) else total
+            self.prefill_bytes += reply.ByteSize() + sizes[i]
             result = self._result(reply, start)
             if result.WhichOneof("output") == "hidden":
                 outs.append(decode(result.hidden))
-            elif last and result.WhichOneof("output") == "token":
+            elif stop >= total and result.WhichOneof("output") == "token":
                 token = result.token
         if not self.gen.cut.u_shaped:
             if token is None:

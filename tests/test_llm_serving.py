@@ -449,6 +449,29 @@ def test_generate_cut_auto_prices_the_cloud_from_the_servers_profile(server, lms
     assert json.loads(out.strip().splitlines()[-1])["tokens"] == expected
 
 
+def test_a_server_with_a_small_chunk_limit_gets_the_prefill_again_within_it(lms) -> None:
+    """The first prefill chunk travels behind the open, before the server has said its
+    limit. A server whose messages hold fewer tokens (80 KiB: 64 tokens of tiny:llama)
+    is sent the prefill again within its limit, once: the generator remembers it, and
+    the tokens equal transformers' generate() both times."""
+    config = ServerConfig(models=(ModelEntry(name="tiny:llama"),), port=0,
+                          max_message_bytes=80 << 10, chunk_bytes=32 << 10)
+    s = BackgroundServer(config)
+    try:
+        assert s.server is not None and s.server.generation is not None
+        lm = lms["tiny:llama"]
+        prompt = prompt_ids(lm.model.config.vocab_size, 100)
+        expected = reference(lm, prompt, 8)
+        with Generator(s.address, GenerateConfig(model="tiny:llama", cut="block.2"),
+                       lm=lm) as g:
+            assert g.generate(prompt, 8).tokens == expected
+            assert s.server.generation.sessions_opened == 2  # over the limit, then within
+            assert g.generate(prompt, 8).tokens == expected
+            assert s.server.generation.sessions_opened == 3  # the limit was known
+    finally:
+        s.stop()
+
+
 def test_generate_command_mistakes_are_one_line(server, capsys) -> None:
     from edge.cli import main
 
