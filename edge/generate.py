@@ -240,7 +240,7 @@ class Generator:
         self.eos = frozenset(lm.eos_token_ids) if config.stop_at_eos else frozenset()
         self.codec = parse_codec(config.codec)
         self._rng = rng or random.Random()
-        self._chunk_limit: int | None = None  # the server's max_chunk_tokens, once opened
+        self._chunk_limit: int | None = None  # the least max_chunk_tokens a session gave
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self.metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
@@ -474,7 +474,9 @@ class _Run:
         session.send(self._open_request())
         send(0, first)
         opened = session.opened = self._opened(session.receive())
-        gen._chunk_limit = opened.max_chunk_tokens
+        # The least limit seen: behind a balancer of unlike servers, each retry lowers it,
+        # so retries end.
+        gen._chunk_limit = min(known or opened.max_chunk_tokens, opened.max_chunk_tokens)
         if first > opened.max_chunk_tokens:  # the chunk sent is over this server's limit
             return self._prefill()  # the limit is known now: once more, within it
         limit = min(opened.max_chunk_tokens, wanted)
