@@ -76,7 +76,7 @@ class ServedLM:
         if device != "cpu":
             torch.nn.Module.to(lm.model, torch.device(device))
         self.fingerprint = lm.fingerprint  # at load, so no session waits for it
-        self.profile: gpb.GenerationProfile | None = None  # set by profile(); published
+        self.profile: gpb.GenerationProfile | None = None  # set by measure_profile()
         self._halves: dict[BlockCut, CloudHalf] = {}
         self._lock = threading.Lock()
 
@@ -88,17 +88,19 @@ class ServedLM:
                 half = self._halves[cut] = CloudHalf(self.lm, cut)
             return half
 
-    def measure_profile(self, runs: int) -> None:
-        """Time the model here (``splitnet.llm.plan.measure_side_cost``: a 32-token
-        prefill and 8 decode steps per run, the median of ``runs`` after a warm-up) and
-        publish it in ``GenerationModel.profile``. Call before serving: it runs the model.
+    def measure_profile(self, runs: int, prompt_tokens: int = 32, steps: int = 8) -> None:
+        """Time the model here (``splitnet.llm.plan.measure_side_cost``: a prefill of
+        ``prompt_tokens`` and ``steps`` decode steps per run, the median of ``runs`` after
+        a warm-up) and publish it in ``GenerationModel.profile``. Call before serving.
         """
         from splitnet.llm.plan import measure_side_cost, profile_to_pb
 
-        side = measure_side_cost(self.lm.model, self.lm.num_layers, runs=runs)
+        side = measure_side_cost(self.lm.model, self.lm.num_layers, prompt_tokens=prompt_tokens,
+                                 steps=steps, runs=runs)
         self.profile = profile_to_pb(
             side,
-            f"median of {runs} runs (32-token prefill, 8 decode steps) after 1 warm-up, "
+            f"median of {runs} runs ({prompt_tokens}-token prefill, {steps} decode steps) "
+            "after 1 warm-up, "
             f"on {self.device}, {torch.get_num_threads()} threads; whole model, spread "
             "evenly over the blocks",
         )

@@ -161,9 +161,9 @@ class AutoPlan:
     current link estimate); a pair never run by its prediction, plus ``DOUBT`` times
     the components of it that rest on priors alone (``Planner.unobserved_ms``: a head
     never run, a tail the server only profiled; once two heads or tails are measured,
-    only as much of one as the scaled profile missed by on them). After every answered request the
-    cheapest price is compared with the plan's: a measured alternative must be cheaper
-    by ``SWITCH_MEASURED``, a predicted one by ``SWITCH_PREDICTED``. A switch starts a
+    only as much of one as the scaled profile missed by on them). After every answered
+    request the cheapest price is compared with the plan's: a measured alternative must
+    be cheaper by ``SWITCH_MEASURED``, a predicted one by ``SWITCH_PREDICTED``. A switch starts a
     trial: after ``TRIAL_SAMPLES`` steady requests at the new plan, it goes back to the
     plan it replaced if that one measured cheaper (and the new plan keeps its
     measurements, so it is not tried from its prediction again). After each such

@@ -206,10 +206,10 @@ def test_a_near_equal_cut_the_model_ranks_second_is_explored_and_taken() -> None
     assert truth[("input", "zstd:1")] > 1.09 * truth[("near", "zstd:1")]
     plan = AutoPlan.from_table(table, prior=wifi)
     assert plan.prediction is not None and plan.prediction.cut == "input"
-    near, deep = plan.planner.predict("near", "zstd:1", wifi), plan.planner.predict(
-        "deep", "zstd:1", wifi
-    )
+    near = plan.planner.predict("near", "zstd:1", wifi)
+    deep = plan.planner.predict("deep", "zstd:1", wifi)
     assert plan.prediction.total_ms < near.total_ms < deep.total_ms  # near is ranked second
+
     def hope(p: Prediction) -> float:  # the price less its doubt
         return p.total_ms - DOUBT * plan.planner.unobserved_ms(p)
 
