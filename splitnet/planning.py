@@ -14,8 +14,15 @@ Every component starts from a prior and is then learned from live requests:
   measured here (a head is a prefix of it).
 * ``cloud``: the server's start-up profile (``GetModelInfo``), then the ``compute_ms``
   every response reports at that cut, per batch size. Cuts not yet served keep the
-  profile, scaled by how much slower tails served run than the profile's back-to-back
-  runs (``cloud_scale``, the median over the cuts served, within 0.25-4x).
+  profile, mapped by how tails served ran against their back-to-back profile: a scale
+  (``cloud_scale``, the median ratio over the cuts served, within 0.25-4x) and, once
+  three or more cuts whose profiles differ twofold are served, a fixed cost per request
+  beside it (``cloud_fixed``: a fit of served = fixed + scale x profile), since a short
+  tail run after an idle network wait is inflated more than a long one.
+* Both halves are bounded by the cuts around them: a later cut's tail is a suffix of
+  an earlier cut's tail, and its head contains the earlier head. So a tail not yet
+  served is priced at most the tail measured at any earlier cut and at least any
+  measured at a later one, and a head the other way round.
 * ``encode``/``decode``: per codec, a throughput measured on two frontiers and scaled
   to each cut's size, then the client's encode timing and the server's ``decode_ms``.
 * ``bytes``: ``splitnet.codecs.estimate_nbytes`` on each cut's frontier (no encoding).
@@ -54,6 +61,7 @@ __all__ = [
     "LinkEstimator",
     "Planner",
     "Prediction",
+    "fit_cloud",
     "frontier_bytes",
     "learned",
     "measure_costs",
@@ -153,6 +161,8 @@ REPLAN_RATIO = 1.25  # re-plan when a learned component moves by this factor...
 REPLAN_FLOOR_MS = 0.5  # ...and by at least this much
 SCALE_FLOOR_MS = 1.0  # tails profiled shorter say nothing about the server's scale
 SPREAD_FLOOR = 0.05  # the least doubt left in a head or tail never run, as a fraction
+FIT_POINTS = 3  # tails served before the cloud prior gets a fixed cost beside its scale...
+FIT_RANGE = 2.0  # ...and how much their profiles must differ (the longest / the shortest)
 
 
 def learned(prior: float, samples: Sequence[float] | None, trust_after: int = TRUST_AFTER) -> float:
@@ -168,6 +178,57 @@ def learned(prior: float, samples: Sequence[float] | None, trust_after: int = TR
     values.append(prior)
     values.sort()
     return values[(len(values) - 1) // 2]
+
+
+def fit_cloud(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(fixed ms, scale) mapping profiled tails ``x`` to served ones ``y``: with
+    ``FIT_POINTS`` or more points whose ``x`` spans ``FIT_RANGE``, the least-squares
+    line in relative error (weights ``1 / y**2``) where its fixed cost is at least 0
+    and its scale within 0.25-4x; otherwise no fixed cost and the median ratio.
+    """
+    scale = min(max(statistics.median(y / x for x, y in points), 0.25), 4.0)
+    xs = [x for x, _ in points]
+    if len(points) < FIT_POINTS or max(xs) < FIT_RANGE * min(xs):
+        return 0.0, scale
+    w = [1.0 / (y * y) for _, y in points]
+    sw = sum(w)
+    sx = sum(wi * x for wi, (x, _) in zip(w, points, strict=True))
+    sy = sum(wi * y for wi, (_, y) in zip(w, points, strict=True))
+    sxx = sum(wi * x * x for wi, (x, _) in zip(w, points, strict=True))
+    sxy = sum(wi * x * y for wi, (x, y) in zip(w, points, strict=True))
+    det = sw * sxx - sx * sx
+    if det <= 0:
+        return 0.0, scale
+    slope = (sw * sxy - sx * sy) / det
+    fixed = (sy - slope * sx) / sw
+    if fixed < 0 or not 0.25 <= slope <= 4.0:
+        return 0.0, scale
+    return fixed, slope
+
+
+def _between(
+    order: list[str], cut: str, prior: float, seen: dict[str, deque[float]], *, rising: bool
+) -> float:
+    """``prior`` for ``cut``, kept between what was measured (two or more times: the
+    median, the first left out) at the cuts before and after it in ``order``: at least
+    the largest before and at most the least after where the quantity ``rising`` with
+    the cut (a head), the other way round where it falls (a tail).
+    """
+    if cut not in order:
+        return prior
+    at = order.index(cut)
+    before: list[float] = []
+    after: list[float] = []
+    for c, s in seen.items():
+        if c == cut or len(s) < 2 or c not in order:
+            continue
+        (before if order.index(c) < at else after).append(statistics.median(list(s)[1:]))
+    low, high = (before, after) if rising else (after, before)
+    if high:
+        prior = min(prior, min(high))
+    if low:
+        prior = max(prior, max(low))
+    return prior
 
 
 class Planner:
@@ -190,6 +251,7 @@ class Planner:
         # warm; a request's tail runs after the idle wait for the network, and on this
         # 2-core machine resnet18's tails took 1.4-3x their profile when served.
         self.cloud_scale = 1.0
+        self.cloud_fixed = 0.0  # ms each request's tail costs beside the scaled profile
         self.batch = 1  # the server batch requests are predicted to meet (the last seen)
         self.edge_seen: dict[str, deque[float]] = {}  # cut -> head times measured here
         self.cloud_seen: dict[tuple[str, int], deque[float]] = {}  # (cut, batch) -> compute
@@ -209,15 +271,23 @@ class Planner:
         if cut != OUTPUT and not seen and len(self.edge_seen.get(OUTPUT, ())) > 1:
             # A head is a prefix of the model: never priced above the whole model here.
             prior = min(prior, self.edge_ms(OUTPUT))
+        if cut != OUTPUT:
+            steady = {c: s for c, s in self.edge_seen.items() if c != OUTPUT}
+            prior = _between(list(self.table.edge_ms), cut, prior, steady, rising=True)
         return learned(prior, seen)
 
     def cloud_ms(self, cut: str, batch: int | None = None) -> float:
         """The tail at ``cut`` on the server, for a batch of ``batch`` samples (default:
         the batch requests meet now). The prior of a batch not yet seen is the
-        profile (batch 1) times the batch: an upper bound, as batching only saves.
+        profile (batch 1) times the batch, mapped like the tails served (``cloud_fixed``
+        + ``cloud_scale`` x it): an upper bound, as batching only saves. It lies
+        between the tails served at the cuts around it (see the module docstring).
         """
         b = self.batch if batch is None else batch
-        prior = self.table.cloud_ms.get(cut, 0.0) * b * self.cloud_scale
+        x = self.table.cloud_ms.get(cut, 0.0) * b
+        prior = self.cloud_fixed + self.cloud_scale * x if x > 0 else 0.0
+        steady = {c: s for (c, n), s in self.cloud_seen.items() if n == b}
+        prior = _between(list(self.table.cloud_ms), cut, prior, steady, rising=False)
         return learned(prior, self.cloud_seen.get((cut, b)))
 
     def encode_ms(self, cut: str, codec: str) -> float:
@@ -283,7 +353,7 @@ class Planner:
         self.observe_edge(cut, edge_ms)
         b = max(int(batch), 1)
         self._add("cloud", self.cloud_seen, (cut, b), cloud_ms, lambda: self.cloud_ms(cut, b))
-        self._learn_cloud_scale()
+        self._learn_cloud_fit()
         if b != self.batch:
             self.moved = self.moved or f"server batch {self.batch} -> {b}"
             self.batch = b
@@ -302,15 +372,21 @@ class Planner:
             if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05 and len(seen) > 1
         ]
 
-    def _cloud_ratios(self) -> list[float]:
-        """Per (cut, batch) served twice or more: its median (the first left out) /
-        (profile x batch). ``cloud_scale`` is their median.
+    def _cloud_points(self) -> list[tuple[float, float]]:
+        """Per (cut, batch) served twice or more, profiled at ``SCALE_FLOOR_MS`` or more:
+        (profile x batch, its median with the first left out).
         """
         return [
-            statistics.median(list(seen)[1:]) / (self.table.cloud_ms[c] * b)
+            (self.table.cloud_ms[c] * b, statistics.median(list(seen)[1:]))
             for (c, b), seen in self.cloud_seen.items()
             if len(seen) > 1 and self.table.cloud_ms.get(c, 0.0) * b >= SCALE_FLOOR_MS
         ]
+
+    def _cloud_ratios(self) -> list[float]:
+        """Per point of ``_cloud_points``: served / profile. ``cloud_scale`` is their
+        median until a fixed cost is fitted beside it.
+        """
+        return [y / x for x, y in self._cloud_points()]
 
     @staticmethod
     def _spread(ratios: list[float], scale: float) -> float:
@@ -332,9 +408,14 @@ class Planner:
 
     @property
     def cloud_spread(self) -> float:
-        """The doubt in a tail never served, as a fraction of its price."""
+        """The doubt in a tail never served, as a fraction of its price: the largest
+        miss of the fitted prior on the tails served (at least ``SPREAD_FLOOR``; 1 until
+        two are served).
+        """
         if "cloud" not in self._spreads:
-            self._spreads["cloud"] = self._spread(self._cloud_ratios(), self.cloud_scale)
+            points = self._cloud_points()
+            fit = [y / (self.cloud_fixed + self.cloud_scale * x) for x, y in points]
+            self._spreads["cloud"] = self._spread(fit, 1.0)
         return self._spreads["cloud"]
 
     def refresh_cloud(self, profile: dict[str, float]) -> None:
@@ -346,19 +427,23 @@ class Planner:
             self.cloud_seen[key] = deque(list(seen)[-1:], maxlen=seen.maxlen)
         self._spreads.clear()
 
-    def _learn_cloud_scale(self) -> None:
-        """The median over the (cut, batch) served twice or more of (their median, the
-        first left out) / (profile x batch); tails profiled under ``SCALE_FLOOR_MS`` are
-        too short to say anything.
+    def _learn_cloud_fit(self) -> None:
+        """Map the profile to what tails served take (``fit_cloud`` on ``_cloud_points``);
+        tails profiled under ``SCALE_FLOOR_MS`` are too short to say anything.
         """
-        ratios = self._cloud_ratios()
-        if not ratios:
+        points = self._cloud_points()
+        if not points:
             return
-        basis = self._basis.setdefault(("cloud scale", None), self.cloud_scale)
-        self.cloud_scale = min(max(statistics.median(ratios), 0.25), 4.0)
-        hi, lo = max(basis, self.cloud_scale), min(basis, self.cloud_scale)
+        typical = statistics.median(x for x, _ in points)
+        before = self.cloud_fixed + self.cloud_scale * typical
+        basis = self._basis.setdefault(("cloud fit", None), before)
+        self.cloud_fixed, self.cloud_scale = fit_cloud(points)
+        now = self.cloud_fixed + self.cloud_scale * typical
+        hi, lo = max(basis, now), min(basis, now)
         if hi >= REPLAN_RATIO * lo:  # it prices every cut not yet served
-            self.moved = self.moved or f"cloud scale: {basis:.2f} -> {self.cloud_scale:.2f}"
+            self.moved = self.moved or (
+                f"cloud fit: {self.cloud_fixed:.2f} ms + {self.cloud_scale:.2f} x profile"
+            )
 
     def planned(self) -> None:
         """A plan was made on the current components: movement is measured from here."""

@@ -28,6 +28,7 @@ from splitnet.planning import (
     LinkEstimator,
     PairCost,
     Planner,
+    fit_cloud,
     frontier_bytes,
     learned,
 )
@@ -279,6 +280,60 @@ def test_doubt_in_a_cut_never_run_shrinks_to_what_the_scaled_profile_missed() ->
     # A head or tail measured itself carries no doubt; all on the device stays whole.
     assert planner.unobserved_ms(planner.predict("b", "raw", link)) == 0.0
     assert planner.unobserved_ms(planner.predict("output", "none", link)) == 40.0
+
+
+def test_tails_not_served_are_priced_by_a_fixed_cost_and_a_scale_between_their_neighbours() -> (
+    None
+):
+    """A host that adds a fixed cost to every served tail inflates short tails more than
+    long ones: one scale overprices a long tail never served. With three tails served
+    whose profiles span twofold, the prior is fixed + scale x profile; and a tail is
+    never priced above one measured at an earlier cut (which contains it), nor below
+    one measured at a later cut."""
+    # Served = 4 ms + 1.0 x profile, exactly: ratios 5.0, 3.0, 1.4 (median 3.0).
+    points = [(1.0, 5.0), (2.0, 6.0), (10.0, 14.0)]
+    assert fit_cloud(points) == pytest.approx((4.0, 1.0))
+    assert fit_cloud(points[:2]) == (0.0, 4.0)  # two points: the median ratio alone
+    assert fit_cloud([(1.0, 5.0), (1.2, 6.0), (1.5, 6.5)])[0] == 0.0  # profiles too alike
+    assert fit_cloud([(1.0, 1.0), (2.0, 3.0), (4.0, 7.0)])[0] == 0.0  # fixed < 0: a scale
+
+    cuts = ["input", "a", "b", "c", "d"]
+    profile = {"input": 40.0, "a": 30.0, "b": 10.0, "c": 2.0, "d": 1.0}
+    table = CostTable(
+        edge_ms={"input": 0.0, **{c: 5.0 for c in cuts[1:]}, "output": 50.0},
+        cloud_ms=profile,
+        pairs={(c, "raw"): PairCost(cut=c, codec="raw", bytes_up=1_000, encode_ms=0.1,
+                                    decode_ms=0.1) for c in cuts},
+        result_bytes=100,
+    )  # fmt: skip
+    planner = Planner(table)
+    for cut in ("b", "c", "d"):  # served at 4 ms + its profile
+        for _ in range(3):
+            planner.observe_request(cut, "raw", edge_ms=5.0, encode_ms=0.1, decode_ms=0.1,
+                                    cloud_ms=4.0 + profile[cut], batch=1)  # fmt: skip
+    assert (planner.cloud_fixed, planner.cloud_scale) == pytest.approx((4.0, 1.0))
+    assert planner.cloud_ms("a") == pytest.approx(34.0)  # one scale (3.0) would say 90
+    assert planner.cloud_spread == pytest.approx(0.05)  # the fit missed nothing: the floor
+    # Two tails served, input's (28 ms, 0.7x) and d's (5 ms, 5x): one scale, the median
+    # 2.85, prices a at 85 ms, above input's tail that contains it: a is 28.
+    bounded = Planner(table)
+    for cut, ms in (("input", 28.0), ("d", 5.0)):
+        for _ in range(3):
+            bounded.observe_request(cut, "raw", edge_ms=5.0, encode_ms=0.1, decode_ms=0.1,
+                                    cloud_ms=ms, batch=1)  # fmt: skip
+    assert (bounded.cloud_fixed, bounded.cloud_scale) == pytest.approx((0.0, 2.85))
+    assert bounded.cloud_ms("a") == pytest.approx(28.0)
+    assert bounded.cloud_ms("c") == pytest.approx(2.0 * 2.85)  # between d and input
+
+    # Heads the other way round: a head never run is at least one measured before it.
+    heads = Planner(replace(table, edge_ms={"input": 0.0, "a": 5.0, "b": 6.0, "c": 30.0,
+                                            "d": 31.0, "output": 50.0}))  # fmt: skip
+    for cut, ms in (("a", 5.0), ("c", 40.0)):  # at 1.0x and 1.33x their profiles
+        for _ in range(3):
+            heads.observe_edge(cut, ms)
+    assert heads.edge_scale == pytest.approx((1.0 + 40.0 / 30.0) / 2)
+    assert heads.edge_ms("d") == pytest.approx(40.0)  # 31 x 1.17 = 36 is under head c
+    assert heads.edge_ms("b") == pytest.approx(6.0 * heads.edge_scale)  # between a and c
 
 
 def test_exploration_is_a_doubling_schedule_and_costs_log_n_requests() -> None:
