@@ -332,6 +332,7 @@ class AutoRun:
             "edge_scale": plan.planner.edge_scale,
             "local_scale": plan.planner.local_scale,
             "cloud_scale": plan.planner.cloud_scale,
+            "cloud_fixed_ms": plan.planner.cloud_fixed,
             "link_estimate": asdict(plan.estimator.estimate),
         }
 
