@@ -231,6 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result_bytes=40 + sum(4 * math.prod(o.shape) + 16 for o in info.outputs),
                 edge_slowdown=args.edge_slowdown,
                 agreement=agreement,
+                warm_ms=client.emulated_warm_ms(),
             )
             for link in links:
                 relay.set_links(up=link.up, down=link.down)

@@ -22,7 +22,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -38,6 +38,7 @@ from splitnet.planning import (
     LinkEstimator,
     Planner,
     Prediction,
+    slowed_ms,
     table_from_frontiers,
 )
 from splitnet.planning import measure_costs as _measure
@@ -97,18 +98,20 @@ def measure_heads(
     result_bytes: int,
     runs: int = 5,
     edge_slowdown: float = 1.0,
+    warm_ms: Mapping[str, float] | None = None,
 ) -> CostTable:
     """The cost table of a device that holds only heads (a bundle): each head it holds
-    timed here, request bytes estimated and codec times fitted on ``x``'s frontiers; no
-    all-on-device choice, and lossy codecs without calibration (so the planner never
-    picks them).
+    timed here (on an emulated slower device, as it runs them: ``slowed_ms``), request
+    bytes estimated and codec times fitted on ``x``'s frontiers; no all-on-device
+    choice, and lossy codecs without calibration (so the planner never picks them).
     """
     edge: dict[str, float] = {}
     frontiers: dict[str, list[torch.Tensor]] = {}
     for cut in device.names:
         head = device.head(cut)
         frontiers[cut] = list(head(x))
-        edge[cut] = _median_ms(lambda h=head: h(x), runs) * edge_slowdown  # type: ignore[misc]
+        run_ms = _median_ms(lambda h=head: h(x), runs)  # type: ignore[misc]
+        edge[cut] = slowed_ms(run_ms, edge_slowdown, (warm_ms or {}).get(cut))
     return table_from_frontiers(
         frontiers,
         edge,
@@ -225,8 +228,11 @@ class AutoPlan:
         edge_slowdown: float = 1.0,
         runs: int = 5,
         cuts: Sequence[str] | None = None,
+        warm_ms: Mapping[str, float] | None = None,
     ) -> AutoPlan:
-        """Profile here, take the server's tail latencies from ``info``, and plan."""
+        """Profile here, take the server's tail latencies from ``info``, and plan.
+        ``warm_ms``: an emulated slower device's warm compute per cut (``slowed_ms``).
+        """
         table = _measure(
             graph,
             x,
@@ -237,6 +243,7 @@ class AutoPlan:
             edge_slowdown=edge_slowdown,
             agreement=agreement,
             cuts=cuts,
+            warm_ms=warm_ms,
         )
         return cls.from_table(table, prior=prior, accuracy_budget=accuracy_budget)
 
@@ -257,11 +264,13 @@ class AutoPlan:
         info: pb.ModelInfo,
         sample: torch.Tensor,
         probe_rtt: Callable[[], float],
+        warm_ms: Mapping[str, float] | None = None,
     ) -> AutoPlan:
         """The plan a client starts with: its config's cost table or a profile made
         here, its link prior or five probes, lossy codecs calibrated where it can.
         A given table's ``cloud_ms`` wins where it names a cut; the server's profile
-        fills in the rest.
+        fills in the rest. ``warm_ms``: what an emulated slower device stretches, per
+        cut (``EdgeClient.emulated_warm_ms``).
         """
         prior = config.link
         if prior is None:
@@ -280,6 +289,7 @@ class AutoPlan:
                 server_profile(info),
                 result_bytes=result_bytes(info),
                 edge_slowdown=config.edge_slowdown,
+                warm_ms=warm_ms,
             )
             return cls.from_table(table, prior=prior, accuracy_budget=config.accuracy_budget)
         calibration = config.calibration
@@ -301,6 +311,7 @@ class AutoPlan:
             accuracy_budget=config.accuracy_budget,
             agreement=agreement,
             edge_slowdown=config.edge_slowdown,
+            warm_ms=warm_ms,
         )
 
     def replan(self, reason: str = "") -> Prediction:

@@ -247,6 +247,7 @@ class EdgeClient:
                     self._server_info(),
                     sample_input(self.device.input_shape),
                     self.probe_rtt,
+                    self.emulated_warm_ms(),
                 )
                 self._follow_plan()
         except RemoteError as e:
@@ -497,6 +498,20 @@ class EdgeClient:
             runs[self._device_key(OUTPUT)] = functools.partial(self.device.run_whole, x)
         with torch.no_grad():
             slower.calibrate_many(runs)
+
+    def emulated_warm_ms(self) -> dict[str, float]:
+        """--edge-slowdown: the emulated device's warm compute per cut (ms), what it
+        stretches each head's run by (``SlowerDevice``); ``output`` is the whole model.
+        Empty on a real device.
+        """
+        slower = self._slower
+        if slower is None:
+            return {}
+        cuts = [c.name for c in self.device.graph.cuts[: self.device.deepest + 1]]
+        if self.device.can_run_whole:
+            cuts.append(OUTPUT)
+        warm = {c: slower.warm_s(self._device_key(c)) for c in cuts}
+        return {c: 1e3 * s for c, s in warm.items() if s is not None}
 
     def _stretch(self, cut: str, started: float) -> None:
         """--edge-slowdown: make the run begun at ``started`` take the emulated device's

@@ -44,7 +44,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,6 +64,7 @@ __all__ = [
     "fit_cloud",
     "frontier_bytes",
     "learned",
+    "slowed_ms",
     "measure_costs",
     "table_from_frontiers",
 ]
@@ -603,12 +604,18 @@ def measure_costs(
     edge_slowdown: float = 1.0,
     agreement: dict[tuple[str, str], float] | None = None,
     cuts: Iterable[str] | None = None,
+    warm_ms: Mapping[str, float] | None = None,
 ) -> CostTable:
     """Profile ``graph`` on this device with input ``x`` (batch 1): head latency per cut
     (``profile_cuts``), and per (cut, codec) the request bytes (``estimate_nbytes``)
     and encode/decode time (``CodecSpeed``: each codec timed on two frontiers only).
+    A head's time on a device ``edge_slowdown`` times slower is priced as that device
+    runs it (``slowed_ms``).
     """
-    edge = {p.cut: p.head_ms * edge_slowdown for p in profile_cuts(graph, (x,), runs=runs)}
+    edge = {
+        p.cut: slowed_ms(p.head_ms, edge_slowdown, (warm_ms or {}).get(p.cut))
+        for p in profile_cuts(graph, (x,), runs=runs)
+    }
     names = [c for c in (list(cuts) if cuts is not None else graph.names) if c != OUTPUT]
     frontiers = {cut: list(graph.split(cut)[0](x)) for cut in names}
     return table_from_frontiers(
@@ -621,6 +628,17 @@ def measure_costs(
         edge_slowdown=edge_slowdown,
         agreement=agreement,
     )
+
+
+def slowed_ms(run_ms: float, slowdown: float, warm_ms: float | None = None) -> float:
+    """A head timed at ``run_ms`` here, on a device ``slowdown`` times slower. An
+    emulated one (``edge.model.SlowerDevice``) stretches each run by ``slowdown - 1``
+    times the head's warm compute (``warm_ms``, timed when it started): the run plus
+    that. Otherwise ``slowdown`` times the run.
+    """
+    if warm_ms is None:
+        return run_ms * slowdown
+    return run_ms + (slowdown - 1.0) * warm_ms
 
 
 def table_from_frontiers(

@@ -34,6 +34,7 @@ from splitnet.errors import (
     UnavailableError,
 )
 from splitnet.models import load_model
+from splitnet.planning import slowed_ms
 from splitnet.v1 import inference_pb2 as pb
 
 # ------------------------------------------------------------------ config
@@ -370,3 +371,17 @@ def test_emulated_device_stretches_warm_compute_and_pays_a_stall_once() -> None:
     assert order == ["c", "d"] * 4  # a warm-up round, then three interleaved rounds
     assert SlowerDevice.of(10.0) is SlowerDevice.of(10.0)  # every client of the process
     assert SlowerDevice.of(10.0) is not SlowerDevice.of(4.0)
+
+
+def test_the_planner_prices_an_emulated_device_as_it_runs(digits_weights: Path) -> None:
+    """--edge-slowdown: the client states each head's warm compute (what its runs are
+    stretched by), and the cost table prices a head as the run plus (factor - 1) x
+    that, not factor x the profiled run: they differ by as much as a profiled run is
+    over the warm one (resnet18's deep heads were overpriced by 10%)."""
+    slow = EdgeClient("127.0.0.1:1", "digits-cnn", weights=digits_weights, edge_slowdown=10)
+    warm = slow.emulated_warm_ms()
+    assert set(warm) == set(slow.graph.names)  # every head, and output: the whole model
+    assert all(ms >= 0 for ms in warm.values()) and warm["output"] > warm["pool1"] > 0
+    assert slowed_ms(2.0, 10.0, warm["pool1"]) == pytest.approx(2.0 + 9 * warm["pool1"])
+    assert slowed_ms(2.0, 10.0) == pytest.approx(20.0)  # a head not calibrated
+    assert EdgeClient("127.0.0.1:1", "digits-cnn", weights=digits_weights).emulated_warm_ms() == {}
