@@ -64,8 +64,8 @@ __all__ = [
     "fit_cloud",
     "frontier_bytes",
     "learned",
-    "slowed_ms",
     "measure_costs",
+    "slowed_ms",
     "table_from_frontiers",
 ]
 
@@ -208,22 +208,23 @@ def fit_cloud(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 
 def _between(
-    order: list[str], cut: str, prior: float, seen: dict[str, deque[float]], *, rising: bool
+    order: Mapping[str, int], cut: str, prior: float, seen: dict[str, deque[float]], *, rising: bool
 ) -> float:
     """``prior`` for ``cut``, kept between what was measured (two or more times: the
     median, the first left out) at the cuts before and after it in ``order``: at least
     the largest before and at most the least after where the quantity ``rising`` with
     the cut (a head), the other way round where it falls (a tail).
     """
-    if cut not in order:
+    at = order.get(cut)
+    if at is None:
         return prior
-    at = order.index(cut)
     before: list[float] = []
     after: list[float] = []
     for c, s in seen.items():
-        if c == cut or len(s) < 2 or c not in order:
+        i = order.get(c)
+        if i is None or i == at or len(s) < 2:
             continue
-        (before if order.index(c) < at else after).append(statistics.median(list(s)[1:]))
+        (before if i < at else after).append(statistics.median(list(s)[1:]))
     low, high = (before, after) if rising else (after, before)
     if high:
         prior = min(prior, min(high))
@@ -240,6 +241,10 @@ class Planner:
     def __init__(self, table: CostTable, *, accuracy_budget: float = 0.005) -> None:
         self.table = table
         self.accuracy_budget = accuracy_budget
+        # Cut order (execution order, as the profiles list the cuts): the bounds on
+        # heads and tails not yet measured come from the cuts around them.
+        self._edge_order = {c: i for i, c in enumerate(table.edge_ms)}
+        self._cloud_order = {c: i for i, c in enumerate(table.cloud_ms)}
         # Measured edge time / profiled edge time, learned from live requests: the prior
         # of cuts not yet run. A head run between network waits is slower than in a tight
         # profiling loop (caches and threads go cold), and more so than the whole model
@@ -274,7 +279,7 @@ class Planner:
             prior = min(prior, self.edge_ms(OUTPUT))
         if cut != OUTPUT:
             steady = {c: s for c, s in self.edge_seen.items() if c != OUTPUT}
-            prior = _between(list(self.table.edge_ms), cut, prior, steady, rising=True)
+            prior = _between(self._edge_order, cut, prior, steady, rising=True)
         return learned(prior, seen)
 
     def cloud_ms(self, cut: str, batch: int | None = None) -> float:
@@ -288,7 +293,7 @@ class Planner:
         x = self.table.cloud_ms.get(cut, 0.0) * b
         prior = self.cloud_fixed + self.cloud_scale * x if x > 0 else 0.0
         steady = {c: s for (c, n), s in self.cloud_seen.items() if n == b}
-        prior = _between(list(self.table.cloud_ms), cut, prior, steady, rising=False)
+        prior = _between(self._cloud_order, cut, prior, steady, rising=False)
         return learned(prior, self.cloud_seen.get((cut, b)))
 
     def encode_ms(self, cut: str, codec: str) -> float:
@@ -424,6 +429,7 @@ class Planner:
         only the newest observation of each cut, so two more observations decide.
         """
         self.table = replace(self.table, cloud_ms={**self.table.cloud_ms, **profile})
+        self._cloud_order = {c: i for i, c in enumerate(self.table.cloud_ms)}
         for key, seen in self.cloud_seen.items():
             self.cloud_seen[key] = deque(list(seen)[-1:], maxlen=seen.maxlen)
         self._spreads.clear()
