@@ -497,7 +497,7 @@ class EdgeClient:
         if self.device.can_run_whole:
             runs[self._device_key(OUTPUT)] = functools.partial(self.device.run_whole, x)
         with torch.no_grad():
-            slower.calibrate_many(runs)
+            slower.calibrate_many(runs, nested=True)  # heads in cut order, then the model
 
     def emulated_warm_ms(self) -> dict[str, float]:
         """--edge-slowdown: the emulated device's warm compute per cut (ms), what it
