@@ -494,6 +494,7 @@ class AutoPlan:
             decode_ms=t.server_decode_ms,
             cloud_ms=t.cloud_ms,
             batch=t.batch_size,
+            bytes_up=t.bytes_sent,
         )
         key = (result.cut, result.codec)
         if not link:

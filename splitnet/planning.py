@@ -25,7 +25,9 @@ Every component starts from a prior and is then learned from live requests:
   measured at a later one, and a head the other way round.
 * ``encode``/``decode``: per codec, a throughput measured on two frontiers and scaled
   to each cut's size, then the client's encode timing and the server's ``decode_ms``.
-* ``bytes``: ``splitnet.codecs.estimate_nbytes`` on each cut's frontier (no encoding).
+* ``bytes``: ``splitnet.codecs.estimate_nbytes`` on each cut's frontier (no encoding),
+  then what requests of the pair really sent: a compressed frontier's size follows its
+  input (resnet18's ``maxpool`` under zstd:1: 407 KB on one input, 339 KB on another).
 * ``B_up``, ``RTT``, ``queue``: a link prior, then ``LinkEstimator`` (as before).
 
 A learned value (``learned``) is the median of the last ``WINDOW`` observations, the
@@ -263,6 +265,7 @@ class Planner:
         self.cloud_seen: dict[tuple[str, int], deque[float]] = {}  # (cut, batch) -> compute
         self.encode_seen: dict[tuple[str, str], deque[float]] = {}  # (cut, codec) -> encode
         self.decode_seen: dict[tuple[str, str], deque[float]] = {}  # (cut, codec) -> server
+        self.bytes_seen: dict[tuple[str, str], deque[float]] = {}  # (cut, codec) -> sent
         # Value of each component the last plan used, recorded when it first changes.
         self._basis: dict[tuple[str, object], float] = {}
         self.moved: str | None = None  # which component moved enough to re-plan, if any
@@ -300,6 +303,15 @@ class Planner:
         """Encoding the frontier of ``cut`` with ``codec`` on the device."""
         return learned(self.table.pairs[(cut, codec)].encode_ms, self.encode_seen.get((cut, codec)))
 
+    def bytes_up(self, cut: str, codec: str) -> int:
+        """The request at ``(cut, codec)``: the median of what its requests sent, else
+        the table's estimate.
+        """
+        seen = self.bytes_seen.get((cut, codec))
+        if seen:
+            return round(statistics.median(seen))
+        return self.table.pairs[(cut, codec)].bytes_up
+
     def decode_ms(self, cut: str, codec: str) -> float:
         """Decoding it on the server."""
         return learned(self.table.pairs[(cut, codec)].decode_ms, self.decode_seen.get((cut, codec)))
@@ -322,7 +334,8 @@ class Planner:
         now = current()
         hi, lo = max(now, basis), min(now, basis)
         if hi - lo >= REPLAN_FLOOR_MS and hi >= REPLAN_RATIO * lo:
-            self.moved = self.moved or f"{kind} {key}: {basis:.2f} -> {now:.2f} ms"
+            unit = "B" if kind == "bytes" else "ms"
+            self.moved = self.moved or f"{kind} {key}: {basis:.2f} -> {now:.2f} {unit}"
 
     def observe_edge(self, cut: str, measured_ms: float, alpha: float = 0.3) -> None:
         """The client's own timing of the head at ``cut`` (``output``: the whole model)."""
@@ -352,9 +365,11 @@ class Planner:
         decode_ms: float,
         cloud_ms: float,
         batch: int,
+        bytes_up: int = 0,
     ) -> None:
-        """One answered split request: the device's head and encode timings and the
-        server's decode and compute (for its whole batch of ``batch`` samples).
+        """One answered split request: the device's head and encode timings, the
+        server's decode and compute (for its whole batch of ``batch`` samples), and the
+        bytes it sent (0: not known).
         """
         self.observe_edge(cut, edge_ms)
         b = max(int(batch), 1)
@@ -367,6 +382,8 @@ class Planner:
             pair = (cut, codec)
             self._add("encode", self.encode_seen, pair, encode_ms, lambda: self.encode_ms(*pair))
             self._add("decode", self.decode_seen, pair, decode_ms, lambda: self.decode_ms(*pair))
+            if bytes_up > 0:
+                self._add("bytes", self.bytes_seen, pair, bytes_up, lambda: self.bytes_up(*pair))
 
     def _edge_ratios(self) -> list[float]:
         """Per head run twice or more: its median here (the first run left out: it pays
@@ -501,19 +518,19 @@ class Planner:
         t = self.table
         if cut == OUTPUT:
             return Prediction(OUTPUT, "none", self.edge_ms(OUTPUT), 0, 0, 0, 0, 0, 0, 0, 0)
-        pair = t.pairs[(cut, codec)]
+        bytes_up = self.bytes_up(cut, codec)
         return Prediction(
             cut=cut,
             codec=codec,
             edge_ms=self.edge_ms(cut),
             encode_ms=self.encode_ms(cut, codec),
-            up_ms=pair.bytes_up * 8 / (link.up_mbit * 1e3),
+            up_ms=bytes_up * 8 / (link.up_mbit * 1e3),
             rtt_ms=link.rtt_ms,
             queue_ms=link.queue_ms,
             decode_ms=self.decode_ms(cut, codec),
             cloud_ms=self.cloud_ms(cut),
             down_ms=t.result_bytes * 8 / (link.down_mbit * 1e3),
-            bytes_up=pair.bytes_up,
+            bytes_up=bytes_up,
         )
 
     def candidates(self, link: LinkEstimate) -> list[Prediction]:

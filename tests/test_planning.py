@@ -208,10 +208,12 @@ def test_a_learned_value_replaces_its_prior() -> None:
     assert learned(0.5, [9.0, 6.0, 5.5, 5.0]) == 5.5  # three: the prior no longer counts
 
 
-def _request(cut: str, codec: str, *, cloud: float, batch: int = 1, edge: float = 0.0) -> InferResult:
+def _request(
+    cut: str, codec: str, *, cloud: float, batch: int = 1, edge: float = 0.0, sent: int = 200
+) -> InferResult:
     """An answered request as the client reports it (what the planner learns from)."""
     t = Timing(edge_ms=edge, encode_ms=0.1, cloud_ms=cloud, server_decode_ms=0.1,
-               batch_size=batch, total_ms=edge + 0.2 + cloud + 10.0, bytes_sent=200,
+               batch_size=batch, total_ms=edge + 0.2 + cloud + 10.0, bytes_sent=sent,
                bytes_received=100)  # fmt: skip
     return InferResult(output=None, cut=cut, codec=codec, timing=t)
 
@@ -230,6 +232,20 @@ def test_cloud_compute_is_learned_per_cut_and_batch() -> None:
         )
     assert planner.cloud_ms("input", 4) == 3.0 and planner.cloud_ms("input", 1) == 0.2
     assert planner.batch == 4 and planner.moved is not None  # requests now meet batches of 4
+
+
+def test_request_bytes_are_learned_from_what_requests_sent() -> None:
+    """A compressed frontier's size follows its input: the table's estimate, made on
+    one input, gives way to the median of what the pair's requests really sent."""
+    planner = Planner(_table())
+    link = LinkEstimate(up_mbit=8.0, down_mbit=8.0, rtt_ms=10.0)
+    assert planner.predict("mid", "raw", link).bytes_up == 10_000
+    for sent in (8_000, 9_000, 8_500):
+        planner.observe_request("mid", "raw", edge_ms=5.0, encode_ms=0.1, decode_ms=0.1,
+                                cloud_ms=1.0, batch=1, bytes_up=sent)  # fmt: skip
+    p = planner.predict("mid", "raw", link)
+    assert p.bytes_up == 8_500 and p.up_ms == pytest.approx(8_500 * 8 / 8e3)
+    assert planner.predict("mid", "int8", link).bytes_up == 2_500  # another pair: its estimate
 
 
 def test_edge_compute_is_learned_from_the_clients_timing() -> None:
@@ -353,10 +369,9 @@ def test_exploration_is_a_doubling_schedule_and_costs_log_n_requests() -> None:
             pair = plan.planner.table.pairs[(cut, codec)]
             plan.learn(
                 _request(cut, codec, cloud=plan.planner.table.cloud_ms[cut],
-                         edge=plan.planner.table.edge_ms[cut]),
+                         edge=plan.planner.table.edge_ms[cut], sent=pair.bytes_up),
                 link=False, probe_rtt=None,
             )  # fmt: skip
-            assert pair.bytes_up > 0
     assert [n for n, _, _ in plan.probes] == [8, 16, 32, 64, 128, 256, 512]
     assert all(is_probe_point(n) for n, _, _ in plan.probes)
     # Two requests per probe: 14 of 1000 requests (1.4%) went elsewhere than the plan.
