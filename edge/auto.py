@@ -183,7 +183,7 @@ class AutoPlan:
     device (where the model is here) and two runners-up at other cuts than the plan's
     (the pair expected cheapest, measured or predicted without doubt: a near-equal cut
     ranked second; and the pair whose price less its doubt is lowest: a cut the profile
-    may overprice), the one sent a request longest ago (never first). So both
+    may overprice), the one whose cut was sent a request longest ago (never first). So both
     baselines are measured by request 17 and re-measured every few probes, and a plan
     that measures more than ``SWITCH_MEASURED`` worse than a measured baseline is left
     at the next request. Probes take
@@ -422,8 +422,8 @@ class AutoPlan:
         """What exploration tries: the best all-cloud choice, all on the device (if
         the model is here), and two runners-up at other cuts: the pair expected
         cheapest (measured, or predicted without doubt) and the pair with the lowest
-        price less its doubt; never the plan itself; the one sent a request longest
-        ago first.
+        price less its doubt; never the plan itself; the one whose cut was sent a
+        request longest ago first.
         """
         chosen = self._key()
         assert chosen is not None
@@ -458,7 +458,14 @@ class AutoPlan:
                 runner_up = min(others, key=rank)
                 targets.append((runner_up.cut, runner_up.codec))
         targets = [k for k in dict.fromkeys(targets) if k != chosen]
-        return sorted(targets, key=lambda k: self.last_sent.get(k, -1))
+        # Longest ago by cut, not by pair: what a probe teaches is mostly its cut's head
+        # and tail, and the best all-cloud codec can change after every probe of it (on
+        # a fast link, digits' input went zstd:1, raw, int8+zstd:1), which would make
+        # it a pair never sent at every probe point and starve the runners-up.
+        last: dict[str, int] = {}
+        for (cut, _), n in self.last_sent.items():
+            last[cut] = max(n, last.get(cut, -1))
+        return sorted(targets, key=lambda k: last.get(k[0], -1))
 
     def next_choice(self) -> tuple[str, str]:
         """(cut, codec) for the next request: the plan, or a probe on the schedule."""

@@ -219,3 +219,32 @@ def test_a_near_equal_cut_the_model_ranks_second_is_explored_and_taken() -> None
     assert sent[15:17] == [("near", "zstd:1")] * 2  # the second probe (the device first)
     assert plan.prediction is not None and plan.prediction.cut == "near"
     assert sent[-5:] == [("near", "zstd:1")] * 5
+
+
+def test_runners_up_are_probed_while_the_best_all_cloud_codec_keeps_changing() -> None:
+    """Probe targets go by how long ago their *cut* was sent. Each input codec probed
+    here measures worse than predicted, so the cheapest all-cloud pair is a codec
+    never sent at every probe point (digits-cnn's input on 5G went zstd:1, raw,
+    int8+zstd:1); ordered by pair, it came first until every codec had been sent, and
+    the split runner-up waited (here to request 32; digits on 5G, past request 40)."""
+    pairs = {
+        ("input", "zstd:1"): _pair("input", 190_000),
+        ("input", "raw"): PairCost(cut="input", codec="raw", bytes_up=200_000, encode_ms=0.05,
+                                   decode_ms=0.05),
+        ("input", "zstd:9"): PairCost(cut="input", codec="zstd:9", bytes_up=195_000,
+                                      encode_ms=0.3, decode_ms=0.1),
+        ("mid", "zstd:1"): _pair("mid", 20_000),
+    }  # fmt: skip
+    table = CostTable(
+        edge_ms={"input": 0.0, "mid": 160.0, "output": 220.0},
+        cloud_ms={"input": 25.0, "mid": 10.0},
+        pairs=pairs,
+        result_bytes=RESULT_BYTES,
+    )
+    world = World(edge=dict(table.edge_ms), cloud=dict(table.cloud_ms), extra={"input": 40.0})
+    plan = AutoPlan.from_table(table, prior=LINK_4G)
+    assert plan.prediction is not None and plan.prediction.cut == "output"
+    world.serve(plan, 40)
+    probed = [(n, cut) for n, cut, _ in plan.probes]
+    assert probed == [(8, "input"), (16, "mid"), (32, "input")]
+    assert ("mid", "zstd:1") in plan.samples  # the runner-up was measured, not only predicted
