@@ -331,6 +331,7 @@ class AutoRun:
             "planner_replans": len(plan.replans),
             "planner_own_p50_ms": statistics.median(tail) if tail else None,
             "edge_scale": plan.planner.edge_scale,
+            "edge_fixed_ms": plan.planner.edge_fixed,
             "local_scale": plan.planner.local_scale,
             "cloud_scale": plan.planner.cloud_scale,
             "cloud_fixed_ms": plan.planner.cloud_fixed,

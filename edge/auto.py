@@ -516,6 +516,7 @@ class AutoPlan:
             bytes_down=t.bytes_received,
             queue_ms=t.queue_ms,
             probe_rtt=probe_rtt,
+            cold=key[0] not in self.cuts_run,
         )
         self._answered(key, t.total_ms, t.edge_ms)
         return self._after_request()
@@ -528,13 +529,22 @@ class AutoPlan:
         bytes_down: int,
         queue_ms: float,
         probe_rtt: Callable[[], float] | None = None,
+        cold: bool = False,
     ) -> None:
-        """Feed one answered request's link share; probe the RTT now and then."""
+        """Feed one answered request's link share; probe the RTT now and then.
+
+        ``cold``: the first request at its cut. What it paid beyond its components
+        (the server's first decode and answer at that cut, the client's first
+        message of that shape) is one-time, so a request too small to time a
+        bandwidth teaches the RTT nothing.
+        """
         if probe_rtt is not None and (self.requests + 1) % RTT_PROBE_EVERY == 0:
             try:
                 self.estimator.observe_rtt(probe_rtt())
             except Exception as e:  # a failed probe must not fail the request
                 logger.debug("rtt probe failed: %s", e)
+        if cold and bytes_up < self.estimator.min_sample_bytes:
+            return
         self.estimator.observe(residual_ms, bytes_up, bytes_down, queue_ms)
 
     def _answered(

@@ -8,23 +8,27 @@ Neurosurgeon's latency model, extended with codecs and live measurements::
 Every component starts from a prior and is then learned from live requests:
 
 * ``edge``: the device's profile (``measure_costs``), then the client's own timing of
-  the head at each cut it runs. Cuts not yet run keep the profile, scaled by how much
-  slower heads run between network waits than in the profiling loop (``edge_scale``;
-  ``local_scale`` for the all-on-device choice), and never above the whole model as
-  measured here (a head is a prefix of it).
+  the head at each cut it runs. Cuts not yet run keep the profile, mapped by how heads
+  run between network waits compare with the profiling loop (``edge_fixed`` +
+  ``edge_scale`` x profile, ``fit_profile``; ``local_scale`` for the all-on-device
+  choice), and never above the whole model as measured here (a head is a prefix of it).
 * ``cloud``: the server's start-up profile (``GetModelInfo``), then the ``compute_ms``
   every response reports at that cut, per batch size. Cuts not yet served keep the
-  profile, mapped by how tails served ran against their back-to-back profile: a scale
-  (``cloud_scale``, the median ratio over the cuts served, within 0.25-4x) and, once
-  three or more cuts whose profiles differ twofold are served, a fixed cost per request
-  beside it (``cloud_fixed``: a fit of served = fixed + scale x profile), since a short
-  tail run after an idle network wait is inflated more than a long one.
+  profile, mapped by how tails served ran against their back-to-back profile
+  (``cloud_fixed`` + ``cloud_scale`` x profile, ``fit_profile``): a short tail run after
+  an idle network wait is inflated more than a long one.
+* ``fit_profile``, for both: cuts profiled at ``SCALE_FLOOR_MS`` or more teach the scale
+  (the median ratio, within bounds; once three or more whose profiles differ twofold
+  are measured, a least-squares line with a fixed cost); shorter ones are mostly what
+  any call costs, so they teach the fixed cost instead (digits-cnn's heads and tails are
+  all under a millisecond: a 0.1 ms tail served in 0.5 ms says nothing of a scale).
 * Both halves are bounded by the cuts around them: a later cut's tail is a suffix of
   an earlier cut's tail, and its head contains the earlier head. So a tail not yet
   served is priced at most the tail measured at any earlier cut and at least any
   measured at a later one, and a head the other way round.
 * ``encode``/``decode``: per codec, a throughput measured on two frontiers and scaled
-  to each cut's size, then the client's encode timing and the server's ``decode_ms``.
+  to each cut's size, plus what a call costs beside it (learned per codec from the
+  pairs measured), then the client's encode timing and the server's ``decode_ms``.
 * ``bytes``: ``splitnet.codecs.estimate_nbytes`` on each cut's frontier (no encoding),
   then what requests of the pair really sent: a compressed frontier's size follows its
   input (resnet18's ``maxpool`` under zstd:1: 407 KB on one input, 339 KB on another).
@@ -63,7 +67,7 @@ __all__ = [
     "LinkEstimator",
     "Planner",
     "Prediction",
-    "fit_cloud",
+    "fit_profile",
     "frontier_bytes",
     "learned",
     "measure_costs",
@@ -162,7 +166,7 @@ WINDOW = 16  # observations a learned component keeps
 TRUST_AFTER = 3  # observations after which the prior no longer counts
 REPLAN_RATIO = 1.25  # re-plan when a learned component moves by this factor...
 REPLAN_FLOOR_MS = 0.5  # ...and by at least this much
-SCALE_FLOOR_MS = 1.0  # tails profiled shorter say nothing about the server's scale
+SCALE_FLOOR_MS = 1.0  # heads and tails profiled shorter teach a fixed cost, not a scale
 SPREAD_FLOOR = 0.05  # the least doubt left in a head or tail never run, as a fraction
 FIT_POINTS = 3  # tails served before the cloud prior gets a fixed cost beside its scale...
 FIT_RANGE = 2.0  # ...and how much their profiles must differ (the longest / the shortest)
@@ -183,30 +187,49 @@ def learned(prior: float, samples: Sequence[float] | None, trust_after: int = TR
     return values[(len(values) - 1) // 2]
 
 
-def fit_cloud(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """(fixed ms, scale) mapping profiled tails ``x`` to served ones ``y``: with
-    ``FIT_POINTS`` or more points whose ``x`` spans ``FIT_RANGE``, the least-squares
-    line in relative error (weights ``1 / y**2``) where its fixed cost is at least 0
-    and its scale within 0.25-4x; otherwise no fixed cost and the median ratio.
+def fit_profile(
+    points: Sequence[tuple[float, float]],
+    *,
+    floor: float = SCALE_FLOOR_MS,
+    scale_range: tuple[float, float] = (0.25, 4.0),
+) -> tuple[float, float]:
+    """(fixed ms, scale) mapping profiled ``x`` to measured ``y``, so that a cut not yet
+    measured is priced ``fixed + scale * x``.
+
+    Points profiled at ``floor`` or more teach the scale: with ``FIT_POINTS`` or more
+    whose ``x`` spans ``FIT_RANGE``, the least-squares line in relative error (weights
+    ``1 / y**2``) where its fixed cost is at least 0 and its scale within
+    ``scale_range``; otherwise the median ratio. Points under ``floor`` are too short
+    to say anything about a scale (their time is mostly what any call costs): beside
+    the median ratio they teach the fixed cost, the median of ``y - scale * x``
+    (at least 0), and the ratio is then taken on what is left of the longer points.
     """
-    scale = min(max(statistics.median(y / x for x, y in points), 0.25), 4.0)
-    xs = [x for x, _ in points]
-    if len(points) < FIT_POINTS or max(xs) < FIT_RANGE * min(xs):
+    lo, hi = scale_range
+    big = [(x, y) for x, y in points if x >= floor]
+    small = [(x, y) for x, y in points if 0 < x < floor]
+    xs = [x for x, _ in big]
+    if len(big) >= FIT_POINTS and max(xs) >= FIT_RANGE * min(xs):
+        w = [1.0 / (y * y) for _, y in big]
+        sw = sum(w)
+        sx = sum(wi * x for wi, (x, _) in zip(w, big, strict=True))
+        sy = sum(wi * y for wi, (_, y) in zip(w, big, strict=True))
+        sxx = sum(wi * x * x for wi, (x, _) in zip(w, big, strict=True))
+        sxy = sum(wi * x * y for wi, (x, y) in zip(w, big, strict=True))
+        det = sw * sxx - sx * sx
+        if det > 0:
+            slope = (sw * sxy - sx * sy) / det
+            fixed = (sy - slope * sx) / sw
+            if fixed >= 0 and lo <= slope <= hi:
+                return fixed, slope
+
+    def ratio(fixed: float) -> float:
+        return min(max(statistics.median(max(y - fixed, 0.0) / x for x, y in big), lo), hi)
+
+    scale = ratio(0.0) if big else 1.0
+    if not small:
         return 0.0, scale
-    w = [1.0 / (y * y) for _, y in points]
-    sw = sum(w)
-    sx = sum(wi * x for wi, (x, _) in zip(w, points, strict=True))
-    sy = sum(wi * y for wi, (_, y) in zip(w, points, strict=True))
-    sxx = sum(wi * x * x for wi, (x, _) in zip(w, points, strict=True))
-    sxy = sum(wi * x * y for wi, (x, y) in zip(w, points, strict=True))
-    det = sw * sxx - sx * sx
-    if det <= 0:
-        return 0.0, scale
-    slope = (sw * sxy - sx * sy) / det
-    fixed = (sy - slope * sx) / sw
-    if fixed < 0 or not 0.25 <= slope <= 4.0:
-        return 0.0, scale
-    return fixed, slope
+    fixed = max(statistics.median(y - scale * x for x, y in small), 0.0)
+    return fixed, (ratio(fixed) if big else scale)
 
 
 def _between(
@@ -253,6 +276,7 @@ class Planner:
         # run back to back on the device, so the two are calibrated apart: ``edge_scale``
         # for heads of split requests, ``local_scale`` for the all-on-device choice.
         self.edge_scale = 1.0
+        self.edge_fixed = 0.0  # ms each head costs beside the scaled profile
         self.local_scale = 1.0
         # Measured tail compute / the server's profile, over the cuts served twice or
         # more: the prior of cuts not yet served. The profile runs tails back to back,
@@ -269,13 +293,18 @@ class Planner:
         # Value of each component the last plan used, recorded when it first changes.
         self._basis: dict[tuple[str, object], float] = {}
         self.moved: str | None = None  # which component moved enough to re-plan, if any
-        self._spreads: dict[str, float] = {}  # edge_spread, cloud_spread until the next observation
+        # Derived from the observations until the next one: the spreads, the fixed
+        # costs of encoding and decoding per codec.
+        self._derived: dict[Any, float] = {}
 
     # ------------------------------------------------------------ components
     def edge_ms(self, cut: str) -> float:
         """The head at ``cut`` on this device (``output``: the whole model)."""
-        scale = self.local_scale if cut == OUTPUT else self.edge_scale
-        prior = self.table.edge_ms[cut] * scale
+        x = self.table.edge_ms[cut]
+        if cut == OUTPUT:
+            prior = x * self.local_scale
+        else:
+            prior = self.edge_fixed + self.edge_scale * x if x > 0 else 0.0
         seen = self.edge_seen.get(cut)
         if cut != OUTPUT and not seen and len(self.edge_seen.get(OUTPUT, ())) > 1:
             # A head is a prefix of the model: never priced above the whole model here.
@@ -300,8 +329,13 @@ class Planner:
         return learned(prior, self.cloud_seen.get((cut, b)))
 
     def encode_ms(self, cut: str, codec: str) -> float:
-        """Encoding the frontier of ``cut`` with ``codec`` on the device."""
-        return learned(self.table.pairs[(cut, codec)].encode_ms, self.encode_seen.get((cut, codec)))
+        """Encoding the frontier of ``cut`` with ``codec`` on the device: the table's
+        throughput estimate plus what a call costs beside it (``_call_cost``), then what
+        this pair's requests took.
+        """
+        prior = self.table.pairs[(cut, codec)].encode_ms
+        prior += self._call_cost("encode", self.encode_seen, codec)
+        return learned(prior, self.encode_seen.get((cut, codec)))
 
     def bytes_up(self, cut: str, codec: str) -> int:
         """The request at ``(cut, codec)``: the median of what its requests sent, else
@@ -313,8 +347,28 @@ class Planner:
         return self.table.pairs[(cut, codec)].bytes_up
 
     def decode_ms(self, cut: str, codec: str) -> float:
-        """Decoding it on the server."""
-        return learned(self.table.pairs[(cut, codec)].decode_ms, self.decode_seen.get((cut, codec)))
+        """Decoding it on the server (priced like ``encode_ms``)."""
+        prior = self.table.pairs[(cut, codec)].decode_ms
+        prior += self._call_cost("decode", self.decode_seen, codec)
+        return learned(prior, self.decode_seen.get((cut, codec)))
+
+    def _call_cost(self, kind: str, seen: dict[tuple[str, str], deque[float]], codec: str) -> float:
+        """What a request's encode (decode) costs beside the table's estimate, which
+        scales a warm loop's throughput to the frontier and so prices a small frontier
+        at almost nothing: the median excess of the pairs measured twice or more with
+        ``codec`` (with any codec, until one is), at least 0. digits-cnn's frontiers
+        encode in 0.01 ms in the loop and 0.1 ms in a request.
+        """
+        key = (kind, codec)
+        if key not in self._derived:
+            excess: dict[str, list[float]] = {}
+            for (c, k), s in seen.items():
+                if len(s) > 1 and (c, k) in self.table.pairs:
+                    base = getattr(self.table.pairs[(c, k)], f"{kind}_ms")
+                    excess.setdefault(k, []).append(statistics.median(list(s)[1:]) - base)
+            pool = excess.get(codec) or [e for es in excess.values() for e in es]
+            self._derived[key] = max(statistics.median(pool), 0.0) if pool else 0.0
+        return self._derived[key]
 
     # ------------------------------------------------------------ learning
     def _add(
@@ -330,7 +384,7 @@ class Planner:
             return
         basis = self._basis.setdefault((kind, key), current())
         seen.setdefault(key, deque(maxlen=WINDOW)).append(value)
-        self._spreads.clear()
+        self._derived.clear()
         now = current()
         hi, lo = max(now, basis), min(now, basis)
         if hi - lo >= REPLAN_FLOOR_MS and hi >= REPLAN_RATIO * lo:
@@ -346,14 +400,10 @@ class Planner:
             ratio = min(max(measured_ms / profiled, 0.2), 20.0)
             self.local_scale = (1 - alpha) * self.local_scale + alpha * ratio
         self._add("edge", self.edge_seen, cut, measured_ms, lambda: self.edge_ms(cut))
-        if cut not in (INPUT, OUTPUT):  # input's head is nothing: no ratio to learn
-            ratios = self._edge_ratios()
-            if ratios:
-                basis = self._basis.setdefault(("edge scale", None), self.edge_scale)
-                self.edge_scale = min(max(statistics.median(ratios), 0.2), 20.0)
-                hi, lo = max(basis, self.edge_scale), min(basis, self.edge_scale)
-                if hi >= REPLAN_RATIO * lo:  # it prices every head not yet run
-                    self.moved = self.moved or f"edge scale: {basis:.2f} -> {self.edge_scale:.2f}"
+        if cut not in (INPUT, OUTPUT):  # input's head is nothing: nothing to learn
+            fit = self._refit("edge", self._edge_points(), (self.edge_fixed, self.edge_scale),
+                              (0.2, 20.0))  # fmt: skip
+            self.edge_fixed, self.edge_scale = fit
 
     def observe_request(
         self,
@@ -374,7 +424,9 @@ class Planner:
         self.observe_edge(cut, edge_ms)
         b = max(int(batch), 1)
         self._add("cloud", self.cloud_seen, (cut, b), cloud_ms, lambda: self.cloud_ms(cut, b))
-        self._learn_cloud_fit()
+        fit = self._refit("cloud", self._cloud_points(), (self.cloud_fixed, self.cloud_scale),
+                          (0.25, 4.0))  # fmt: skip
+        self.cloud_fixed, self.cloud_scale = fit
         if b != self.batch:
             self.moved = self.moved or f"server batch {self.batch} -> {b}"
             self.batch = b
@@ -385,61 +437,82 @@ class Planner:
             if bytes_up > 0:
                 self._add("bytes", self.bytes_seen, pair, bytes_up, lambda: self.bytes_up(*pair))
 
-    def _edge_ratios(self) -> list[float]:
-        """Per head run twice or more: its median here (the first run left out: it pays
-        one-time costs) / its profile. ``edge_scale`` is their median.
+    def _edge_points(self) -> list[tuple[float, float]]:
+        """Per head run twice or more (not ``input``'s, which is nothing, nor the whole
+        model's): (its profile, its median here with the first run left out, as that
+        pays one-time costs).
         """
         return [
-            statistics.median(list(seen)[1:]) / self.table.edge_ms[c]
+            (self.table.edge_ms[c], statistics.median(list(seen)[1:]))
             for c, seen in self.edge_seen.items()
             if c not in (INPUT, OUTPUT) and self.table.edge_ms[c] > 0.05 and len(seen) > 1
         ]
 
     def _cloud_points(self) -> list[tuple[float, float]]:
-        """Per (cut, batch) served twice or more, profiled at ``SCALE_FLOOR_MS`` or more:
-        (profile x batch, its median with the first left out).
+        """Per (cut, batch) served twice or more: (profile x batch, its median with
+        the first left out).
         """
         return [
             (self.table.cloud_ms[c] * b, statistics.median(list(seen)[1:]))
             for (c, b), seen in self.cloud_seen.items()
-            if len(seen) > 1 and self.table.cloud_ms.get(c, 0.0) * b >= SCALE_FLOOR_MS
+            if len(seen) > 1 and self.table.cloud_ms.get(c, 0.0) > 0
         ]
 
-    def _cloud_ratios(self) -> list[float]:
-        """Per point of ``_cloud_points``: served / profile. ``cloud_scale`` is their
-        median until a fixed cost is fitted beside it.
+    def _refit(
+        self,
+        kind: str,
+        points: list[tuple[float, float]],
+        current: tuple[float, float],
+        scale_range: tuple[float, float],
+    ) -> tuple[float, float]:
+        """(fixed, scale) of ``kind``'s prior: ``fit_profile`` on ``points``, noting it
+        as moved when it moves a typical cut's price enough to re-plan (it prices every
+        cut not yet measured). No points: ``current``.
         """
-        return [y / x for x, y in self._cloud_points()]
+        if not points:
+            return current
+        typical = statistics.median(x for x, _ in points)
+        basis = self._basis.setdefault((f"{kind} fit", None), current[0] + current[1] * typical)
+        fixed, scale = fit_profile(points, scale_range=scale_range)
+        now = fixed + scale * typical
+        hi, lo = max(basis, now), min(basis, now)
+        if hi - lo >= REPLAN_FLOOR_MS and hi >= REPLAN_RATIO * lo:
+            self.moved = self.moved or f"{kind} fit: {fixed:.2f} ms + {scale:.2f} x profile"
+        return fixed, scale
 
-    @staticmethod
-    def _spread(ratios: list[float], scale: float) -> float:
-        """How far the scaled prior has been off on the cuts measured: the largest
-        ``|ratio / scale - 1|``, at least ``SPREAD_FLOOR``; 1 (the whole component in
+    def _spread(
+        self, kind: str, points: list[tuple[float, float]], fit: tuple[float, float]
+    ) -> float:
+        """How far the fitted prior ``fixed + scale x profile`` has been off on the cuts
+        measured: the largest miss as a fraction of the prior, over the cuts profiled at
+        ``SCALE_FLOOR_MS`` or more where two are (else over all, a miss counted against
+        at least that floor), at least ``SPREAD_FLOOR``; 1 (the whole component in
         doubt) until two cuts are measured.
         """
-        if len(ratios) < 2 or scale <= 0:
-            return 1.0
-        worst = max(abs(r / scale - 1.0) for r in ratios)
-        return min(max(worst, SPREAD_FLOOR), 1.0)
+        if kind not in self._derived:
+            fixed, scale = fit
+            big = [(x, y) for x, y in points if x >= SCALE_FLOOR_MS]
+            if len(big) >= 2:
+                misses = [abs(y / (fixed + scale * x) - 1.0) for x, y in big]
+            else:
+                misses = [
+                    abs(y - fixed - scale * x) / max(fixed + scale * x, SCALE_FLOOR_MS)
+                    for x, y in points
+                ]
+            spread = min(max(max(misses), SPREAD_FLOOR), 1.0) if len(misses) > 1 else 1.0
+            self._derived[kind] = spread
+        return self._derived[kind]
 
     @property
     def edge_spread(self) -> float:
         """The doubt in a head never run, as a fraction of its price (``_spread``)."""
-        if "edge" not in self._spreads:
-            self._spreads["edge"] = self._spread(self._edge_ratios(), self.edge_scale)
-        return self._spreads["edge"]
+        return self._spread("edge spread", self._edge_points(), (self.edge_fixed, self.edge_scale))
 
     @property
     def cloud_spread(self) -> float:
-        """The doubt in a tail never served, as a fraction of its price: the largest
-        miss of the fitted prior on the tails served (at least ``SPREAD_FLOOR``; 1 until
-        two are served).
-        """
-        if "cloud" not in self._spreads:
-            points = self._cloud_points()
-            fit = [y / (self.cloud_fixed + self.cloud_scale * x) for x, y in points]
-            self._spreads["cloud"] = self._spread(fit, 1.0)
-        return self._spreads["cloud"]
+        """The doubt in a tail never served, as a fraction of its price (``_spread``)."""
+        points = self._cloud_points()
+        return self._spread("cloud spread", points, (self.cloud_fixed, self.cloud_scale))
 
     def refresh_cloud(self, profile: dict[str, float]) -> None:
         """A server's start-up table again (after a reconnect): the cloud prior, beside
@@ -449,25 +522,7 @@ class Planner:
         self._cloud_order = {c: i for i, c in enumerate(self.table.cloud_ms)}
         for key, seen in self.cloud_seen.items():
             self.cloud_seen[key] = deque(list(seen)[-1:], maxlen=seen.maxlen)
-        self._spreads.clear()
-
-    def _learn_cloud_fit(self) -> None:
-        """Map the profile to what tails served take (``fit_cloud`` on ``_cloud_points``);
-        tails profiled under ``SCALE_FLOOR_MS`` are too short to say anything.
-        """
-        points = self._cloud_points()
-        if not points:
-            return
-        typical = statistics.median(x for x, _ in points)
-        before = self.cloud_fixed + self.cloud_scale * typical
-        basis = self._basis.setdefault(("cloud fit", None), before)
-        self.cloud_fixed, self.cloud_scale = fit_cloud(points)
-        now = self.cloud_fixed + self.cloud_scale * typical
-        hi, lo = max(basis, now), min(basis, now)
-        if hi >= REPLAN_RATIO * lo:  # it prices every cut not yet served
-            self.moved = self.moved or (
-                f"cloud fit: {self.cloud_fixed:.2f} ms + {self.cloud_scale:.2f} x profile"
-            )
+        self._derived.clear()
 
     def planned(self) -> None:
         """A plan was made on the current components: movement is measured from here."""

@@ -248,3 +248,22 @@ def test_runners_up_are_probed_while_the_best_all_cloud_codec_keeps_changing() -
     probed = [(n, cut) for n, cut, _ in plan.probes]
     assert probed == [(8, "input"), (16, "mid"), (32, "input")]
     assert ("mid", "zstd:1") in plan.samples  # the runner-up was measured, not only predicted
+
+
+def test_a_cuts_cold_first_request_teaches_the_rtt_nothing() -> None:
+    """The first request at a cut pays one-time costs beyond its components (the
+    server's first decode and answer at that cut). Too small to time a bandwidth, it
+    would read as a longer round trip, and price every pair higher; the next one at
+    that cut is a sample."""
+    plan = AutoPlan.from_table(_resnet_like(), prior=LinkEstimate(up_mbit=20.0,
+                                                                  down_mbit=20.0, rtt_ms=10.0))  # fmt: skip
+
+    def request(residual_ms: float) -> InferResult:
+        t = Timing(edge_ms=400.0, encode_ms=0.1, server_decode_ms=0.1, cloud_ms=2.0,
+                   total_ms=402.2 + residual_ms, bytes_sent=2_000, bytes_received=0)  # fmt: skip
+        return InferResult(output=None, cut="late", codec="zstd:1", timing=t)
+
+    plan.learn(request(10.0 + 25.0), link=True, probe_rtt=None)  # cold: 25 ms one-time
+    assert plan.estimator.rtt_ms == 10.0
+    plan.learn(request(12.0), link=True, probe_rtt=None)  # now 2 ms slower: learned
+    assert plan.estimator.rtt_ms > 10.0

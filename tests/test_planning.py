@@ -28,7 +28,7 @@ from splitnet.planning import (
     LinkEstimator,
     PairCost,
     Planner,
-    fit_cloud,
+    fit_profile,
     frontier_bytes,
     learned,
 )
@@ -308,10 +308,10 @@ def test_tails_not_served_are_priced_by_a_fixed_cost_and_a_scale_between_their_n
     one measured at a later cut."""
     # Served = 4 ms + 1.0 x profile, exactly: ratios 5.0, 3.0, 1.4 (median 3.0).
     points = [(1.0, 5.0), (2.0, 6.0), (10.0, 14.0)]
-    assert fit_cloud(points) == pytest.approx((4.0, 1.0))
-    assert fit_cloud(points[:2]) == (0.0, 4.0)  # two points: the median ratio alone
-    assert fit_cloud([(1.0, 5.0), (1.2, 6.0), (1.5, 6.5)])[0] == 0.0  # profiles too alike
-    assert fit_cloud([(1.0, 1.0), (2.0, 3.0), (4.0, 7.0)])[0] == 0.0  # fixed < 0: a scale
+    assert fit_profile(points) == pytest.approx((4.0, 1.0))
+    assert fit_profile(points[:2]) == (0.0, 4.0)  # two points: the median ratio alone
+    assert fit_profile([(1.0, 5.0), (1.2, 6.0), (1.5, 6.5)])[0] == 0.0  # profiles too alike
+    assert fit_profile([(1.0, 1.0), (2.0, 3.0), (4.0, 7.0)])[0] == 0.0  # fixed < 0: a scale
 
     cuts = ["input", "a", "b", "c", "d"]
     profile = {"input": 40.0, "a": 30.0, "b": 10.0, "c": 2.0, "d": 1.0}
@@ -350,6 +350,46 @@ def test_tails_not_served_are_priced_by_a_fixed_cost_and_a_scale_between_their_n
     assert heads.edge_scale == pytest.approx((1.0 + 40.0 / 30.0) / 2)
     assert heads.edge_ms("d") == pytest.approx(40.0)  # 31 x 1.17 = 36 is under head c
     assert heads.edge_ms("b") == pytest.approx(6.0 * heads.edge_scale)  # between a and c
+
+
+def test_heads_tails_and_codecs_measured_under_a_millisecond_teach_a_fixed_cost() -> None:
+    """A head or tail profiled under ``SCALE_FLOOR_MS`` runs mostly what any call costs:
+    served 0.3-0.4 ms over its profile, it says nothing of a scale. Taken as a ratio (a
+    0.2 ms head run in 0.5 ms: 2.5x) it overprices every longer head; taken as a fixed
+    cost it prices them as they run. So does an encode (decode) the table prices at a
+    warm loop's throughput, per codec (any codec's until one of its own is measured)."""
+    assert fit_profile([(0.1, 0.5), (0.2, 0.6)]) == pytest.approx((0.4, 1.0))
+    # Beside a long cut, the short one teaches the fixed cost; the ratio is what is left.
+    fixed, scale = fit_profile([(0.5, 1.5), (10.0, 21.0)])
+    assert fixed == pytest.approx(1.5 - 0.5 * 2.1) and scale == pytest.approx((21.0 - fixed) / 10)
+
+    pairs = {
+        (c, k): PairCost(cut=c, codec=k, bytes_up=1_000, encode_ms=0.01, decode_ms=0.01)
+        for c in ("input", "a", "b") for k in ("raw", "zstd:1")
+    }  # fmt: skip
+    table = CostTable(
+        edge_ms={"input": 0.0, "a": 0.2, "b": 1.5, "output": 3.0},
+        cloud_ms={"input": 0.4, "a": 0.3, "b": 0.1},
+        pairs=pairs,
+        result_bytes=100,
+    )
+    planner = Planner(table)
+    for _ in range(3):  # head a 0.3 ms over its profile, tail a 0.4 ms over
+        planner.observe_request("a", "zstd:1", edge_ms=0.5, encode_ms=0.11, decode_ms=0.06,
+                                cloud_ms=0.7, batch=1)  # fmt: skip
+    assert (planner.edge_fixed, planner.edge_scale) == pytest.approx((0.3, 1.0))
+    assert (planner.cloud_fixed, planner.cloud_scale) == pytest.approx((0.4, 1.0))
+    assert planner.edge_ms("b") == pytest.approx(1.8)  # a ratio of 2.5 would say 3.75
+    assert planner.cloud_ms("b") == pytest.approx(0.5)  # the profile alone: 0.1
+    assert planner.cloud_ms("input") == pytest.approx(0.8)
+    assert planner.encode_ms("b", "zstd:1") == pytest.approx(0.11)  # 0.01 + 0.1 a call
+    assert planner.decode_ms("b", "zstd:1") == pytest.approx(0.06)
+    assert planner.encode_ms("b", "raw") == pytest.approx(0.11)  # no raw pair yet: zstd's
+    for _ in range(3):
+        planner.observe_request("a", "raw", edge_ms=0.5, encode_ms=0.05, decode_ms=0.06,
+                                cloud_ms=0.7, batch=1)  # fmt: skip
+    assert planner.encode_ms("b", "raw") == pytest.approx(0.05)  # now its own
+    assert planner.encode_ms("b", "zstd:1") == pytest.approx(0.11)
 
 
 def test_exploration_is_a_doubling_schedule_and_costs_log_n_requests() -> None:
