@@ -188,10 +188,13 @@ def test_probe_after_the_server_left_is_unavailable(
         server.address, "digits-cnn", weights=digits_weights, retries=0, deadline_s=2
     )
     with client:
-        assert client.probe_rtt() > 0
+        assert client.probe_rtt() > 0  # a unary call: no stream is open yet
+        client.use(cut="pool1", codec="raw")
+        client.infer(torch.zeros(1, 1, 8, 8))  # opens the stream requests go on
+        assert client.probe_rtt() > 0  # on that stream now
         server.stop()
         with pytest.raises(UnavailableError):  # never a bare grpc.RpcError
-            client.probe_rtt()
+            client.probe_rtt()  # the stream broke: the unary way, which fails cleanly
 
 
 def test_a_server_with_other_weights_answers_failed_precondition(
