@@ -770,32 +770,42 @@ class LinkEstimator:
     minus the parts the cost table prices (edge, encode, decode, cloud) and the queue,
     so the model stays calibrated to what requests really cost. Bandwidth samples come
     only from requests of at least ``min_sample_bytes`` whose transfer is a real share
-    of the residual; smaller ones move the RTT. Estimates are
-    exponentially weighted (bandwidth in log space).
+    of the residual; smaller ones move the RTT. Bandwidth and queue are exponentially
+    weighted (bandwidth in log space); the RTT is the median of the last
+    ``rtt_window`` samples (the prior the first of them). A request's fixed cost is
+    skewed (now and then a stall of a few ms), and a weighted mean follows the stalls:
+    on digits-cnn over WiFi it read 18.4-19.7 ms where the median request took 17.5-17.9.
     """
 
     prior: LinkEstimate
     alpha: float = 0.4  # weight of a new sample
     replan_ratio: float = 1.25  # re-plan when an estimate moves by this factor
     min_sample_bytes: int = 8192  # smaller requests teach the RTT, not the bandwidth
+    rtt_window: int = 5  # RTT samples kept: a step in the RTT is followed after 3
     up_mbit: float = field(init=False)
     down_mbit: float = field(init=False)
     rtt_ms: float = field(init=False)
     queue_ms: float = field(init=False)
     _planned_on: LinkEstimate | None = field(default=None, init=False)
+    _rtts: deque[float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.up_mbit = self.prior.up_mbit
         self.down_mbit = self.prior.down_mbit
         self.rtt_ms = self.prior.rtt_ms
         self.queue_ms = self.prior.queue_ms
+        self._rtts = deque([self.prior.rtt_ms], maxlen=max(self.rtt_window, 1))
+
+    def _rtt_sample(self, rtt_ms: float) -> None:
+        self._rtts.append(max(rtt_ms, 0.0))
+        self.rtt_ms = statistics.median(self._rtts)
 
     def _ewma(self, old: float, new: float) -> float:
         return (1 - self.alpha) * old + self.alpha * new
 
     def observe_rtt(self, rtt_ms: float) -> None:
         """The round trip of a probe that carries almost nothing."""
-        self.rtt_ms = self._ewma(self.rtt_ms, max(rtt_ms, 0.0))
+        self._rtt_sample(rtt_ms)
 
     def observe(self, residual_ms: float, bytes_up: int, bytes_down: int, queue_ms: float) -> None:
         """One request: its residual time (see the class), its bytes, its server queue."""
@@ -808,7 +818,7 @@ class LinkEstimator:
         if bytes_up < self.min_sample_bytes:
             # Too small to time a bandwidth: a few ms of noise would read as a link of
             # a few hundred kbit/s. What it took beyond its transfer is fixed cost.
-            self.rtt_ms = self._ewma(self.rtt_ms, max(residual_ms - expected_ms - down_ms, 0.0))
+            self._rtt_sample(residual_ms - expected_ms - down_ms)
             return
         if transfer_ms > 0.25 * max(residual_ms, 1e-6) and transfer_ms > 0.5:
             sample = bytes_up * 8 / (transfer_ms * 1e3)  # the upload is measurable
@@ -817,7 +827,7 @@ class LinkEstimator:
             sample = bytes_up * 8 / (max(transfer_ms, 0.5) * 1e3)
         elif transfer_ms < 0:
             # Small requests: the fixed cost itself moved (the RTT).
-            self.rtt_ms = self._ewma(self.rtt_ms, max(residual_ms - expected_ms - down_ms, 0.0))
+            self._rtt_sample(residual_ms - expected_ms - down_ms)
             return
         else:
             return

@@ -511,6 +511,21 @@ def test_auto_corrects_a_wrong_server_profile_from_responses(digits_weights: Pat
     assert min(reported) <= auto.planner.cloud_ms("input") <= max(reported) < WRONG_MS
 
 
+def test_the_rtt_is_what_a_request_most_likely_pays_not_its_stalls() -> None:
+    """A request's fixed cost is skewed: 17.5 ms, and now and then a 4 ms stall. A
+    weighted mean would sit above what most requests pay; the median of the last few
+    does not, and still follows a step in the link within three samples."""
+    est = LinkEstimator(LinkEstimate(up_mbit=10.0, down_mbit=10.0, rtt_ms=17.5))
+    for residual in (17.5, 21.5, 17.5, 17.5, 21.5, 17.5, 21.5, 17.5):  # 300-byte requests
+        est.observe(residual_ms=residual + 0.24, bytes_up=300, bytes_down=0, queue_ms=0)
+        assert est.rtt_ms == pytest.approx(17.5)
+    for _ in range(3):  # the link is now 10 ms slower
+        est.observe(residual_ms=27.5 + 0.24, bytes_up=300, bytes_down=0, queue_ms=0)
+    assert est.rtt_ms == pytest.approx(27.5)
+    est.observe_rtt(27.0)  # a probe is a sample like any other
+    assert est.rtt_ms == pytest.approx(27.5)
+
+
 def test_small_requests_teach_the_rtt_not_the_bandwidth() -> None:
     """3 ms of noise on a 300-byte request would read as 0.8 Mbit/s: it moves the RTT."""
     est = LinkEstimator(LinkEstimate(up_mbit=10.0, down_mbit=10.0, rtt_ms=40.0))
