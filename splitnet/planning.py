@@ -481,7 +481,10 @@ class Planner:
         return fixed, scale
 
     def _spread(
-        self, kind: str, points: list[tuple[float, float]], fit: tuple[float, float]
+        self,
+        kind: str,
+        measured: Callable[[], list[tuple[float, float]]],
+        fit: tuple[float, float],
     ) -> float:
         """How far the fitted prior ``fixed + scale x profile`` has been off on the cuts
         measured: the largest miss as a fraction of the prior, over the cuts profiled at
@@ -489,7 +492,8 @@ class Planner:
         at least that floor), at least ``SPREAD_FLOOR``; 1 (the whole component in
         doubt) until two cuts are measured.
         """
-        if kind not in self._derived:
+        if kind not in self._derived:  # kept until the next observation
+            points = measured()
             fixed, scale = fit
             big = [(x, y) for x, y in points if x >= SCALE_FLOOR_MS]
             if len(big) >= 2:
@@ -506,13 +510,13 @@ class Planner:
     @property
     def edge_spread(self) -> float:
         """The doubt in a head never run, as a fraction of its price (``_spread``)."""
-        return self._spread("edge spread", self._edge_points(), (self.edge_fixed, self.edge_scale))
+        return self._spread("edge spread", self._edge_points, (self.edge_fixed, self.edge_scale))
 
     @property
     def cloud_spread(self) -> float:
         """The doubt in a tail never served, as a fraction of its price (``_spread``)."""
-        points = self._cloud_points()
-        return self._spread("cloud spread", points, (self.cloud_fixed, self.cloud_scale))
+        fit = (self.cloud_fixed, self.cloud_scale)
+        return self._spread("cloud spread", self._cloud_points, fit)
 
     def refresh_cloud(self, profile: dict[str, float]) -> None:
         """A server's start-up table again (after a reconnect): the cloud prior, beside
